@@ -1,0 +1,1 @@
+"""Subcommands of the ``edtir`` CLI; see ``edtir.cli``."""

@@ -1,0 +1,54 @@
+"""Flags and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UsageError
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--model", metavar="NAME",
+                   help="a bundled model or a built-in baseline (bicubic, identity); see `edtir info --list`")
+    g.add_argument("--weights", metavar="FILE", help="a checkpoint: edtir .safetensors or official EDT .pth")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="float32, or bfloat16 autocast (GPU; default fp32)")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def parse_tasks(text: str | None) -> list[str] | None:
+    from ..models.edt import TASKS
+
+    if text is None:
+        return None
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise UsageError(f"unknown task {bad[0]!r}; expected one of: {' '.join(TASKS)}")
+    return tasks
+
+
+def model_from_args(args, task: str | None = None, device=None):
+    """The model named by --model / --weights, ready in eval mode on ``device``."""
+    from .. import zoo
+
+    return zoo.get_model(model=getattr(args, "model", None), weights=getattr(args, "weights", None),
+                         task=task, device=device or "cpu")

@@ -1,0 +1,1 @@
+"""Image I/O, MATLAB-compatible resizing, degradations and training datasets."""

@@ -1,0 +1,25 @@
+"""Errors that reach the user as one line and an exit code, never a traceback."""
+
+
+class EdtirError(Exception):
+    """A problem with the user's input (file, flag, config); the CLI prints it as one line and exits 1."""
+
+    exit_code = 1
+
+
+class UsageError(EdtirError):
+    """Wrong flag, unknown task or model name: exit 2."""
+
+    exit_code = 2
+
+
+class CheckpointError(EdtirError):
+    """A weights file that is missing, truncated, not a checkpoint, or does not fit the model."""
+
+
+class ImageError(EdtirError):
+    """An image that cannot be read or written."""
+
+
+class ConfigError(UsageError):
+    """A bad key or value in a YAML config or a key=value override."""

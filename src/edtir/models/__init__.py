@@ -1,0 +1,1 @@
+"""The EDT network (``edt.py``) and checkpoint loading (``checkpoint.py``)."""
