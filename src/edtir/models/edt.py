@@ -212,12 +212,10 @@ class LePEAttention(nn.Module):
         bw = q.shape[0]
         # LePE on V inside each window; channel index is head * d + j, as in the official layout.
         lepe = self.lepe(v.transpose(-1, -2).reshape(bw, c, wh, ww)).view(bw, hd, d, n).transpose(-1, -2)
-        if mask is not None:  # (nW, N, N) -> broadcast over batch and heads
+        if mask is not None:  # (nW, N, N) -> (B*nW, 1, N, N); 4-D keeps SDPA on its fused kernels
             nw = mask.shape[0]
-            q, k, v = (t.view(bw // nw, nw, hd, n, d) for t in (q, k, v))
-            mask = mask.unsqueeze(1).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        out = out.reshape(bw, hd, n, d) + lepe
+            mask = mask.to(q.dtype).unsqueeze(0).expand(bw // nw, nw, n, n).reshape(bw, 1, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale) + lepe
         out = out.transpose(1, 2).reshape(bw, n, c)
         return window_reverse(out, wh, ww, B, H, W)
 
