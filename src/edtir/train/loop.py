@@ -1,0 +1,261 @@
+"""The training loop: single-task and multi-task pre-training and fine-tuning, in one readable function.
+
+One step = one batch per task; every task's head output goes through the shared body in one pass
+(``EDT.forward_multi``), one L1 loss per task, summed with the configured weights; Adam and a MultiStepLR
+(fine-tuning: no milestones, so a constant LR); bf16 autocast on the GPU; optional gradient clipping and EMA.
+
+Exact resume: the data of a step is a pure function of (seed, step, rank) (``edtir.data.datasets``), torch's
+RNG is reseeded per step for drop path (``state.step_seed``), and model, optimizer, scheduler, EMA and RNGs
+are restored from the newest complete checkpoint, so a killed and resumed run ends with the same bits as an
+uninterrupted one (on the same machine, thread count and world size)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UsageError
+from ..models.edt import EDT, build_model
+from . import distributed, state
+from .config import Config, dump_config
+
+log = logging.getLogger(__name__)
+
+
+class MultiTaskStep(nn.Module):
+    """``{task: inputs} -> {task: outputs}`` through ``forward_multi``, as a forward (what DDP hooks)."""
+
+    def __init__(self, model: EDT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.model.forward_multi(inputs)
+
+
+def make_model(cfg: Config) -> EDT:
+    m = cfg.model
+    overrides = dict(window_size=tuple(m.window_size), drop_path=m.drop_path, sf=m.sf)
+    if m.upsampler is not None:
+        overrides["upsampler"] = m.upsampler
+    return build_model(m.size, m.tasks, **overrides)
+
+
+def train_step(step_module, batch, optimizer, weights: dict[str, float], device: torch.device, bf16: bool,
+               grad_clip: float | None, params) -> tuple[float, dict[str, float]]:
+    """One optimisation step on ``{task: (inputs, targets)}``; returns (total loss, loss per task)."""
+    inputs = {t: x.to(device, non_blocking=True) for t, (x, _) in batch.items()}
+    targets = {t: y.to(device, non_blocking=True) for t, (_, y) in batch.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        outputs = step_module(inputs)
+    losses = {t: F.l1_loss(outputs[t].float(), targets[t]) for t in targets}
+    loss = sum(weights[t] * losses[t] for t in losses)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss.item(), {t: v.item() for t, v in losses.items()}
+
+
+def validate(model: EDT, cfg: Config, device: torch.device) -> dict[str, float]:
+    """PSNR/SSIM of ``model`` on the validation folder, by the evaluation protocol of the task (the one place
+    training calls the eval pipeline)."""
+    from ..evaluate import evaluate_folder
+
+    task = cfg.val.task or cfg.model.tasks[0]
+    was = model.training
+    model.eval()
+    try:
+        result = evaluate_folder(model, task, cfg.val.folder, max_images=cfg.val.max_images, device=device)
+    finally:
+        model.train(was)
+    get = result.get if isinstance(result, dict) else lambda k: getattr(result, k, None)
+    return {k: float(get(k)) for k in ("psnr", "ssim") if get(k) is not None}
+
+
+class Monitor:
+    """Rank 0's outputs: progress bar, JSONL log, TensorBoard (when installed), one-line messages."""
+
+    def __init__(self, out: Path, cfg: Config, start: int, enabled: bool, progress: bool):
+        from tqdm import tqdm
+
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        self.bar = tqdm(total=cfg.train.iterations, initial=start, disable=not (enabled and progress),
+                        unit="it", dynamic_ncols=True, file=sys.stderr)
+        if not enabled:
+            return
+        path = out / "log.jsonl"
+        if path.exists():  # resuming: drop what the killed run logged after its last checkpoint
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and _step_of(ln) <= start]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        self.jsonl = open(path, "a")  # noqa: SIM115 - kept open for the run
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
+            except ImportError:
+                self.say("tensorboard is not installed: logging to log.jsonl only")
+
+    def say(self, msg: str) -> None:
+        if self.enabled:
+            self.bar.write(msg, file=sys.stderr)
+            log.info(msg)
+
+    def record(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62
+
+
+def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = False,
+          iterations: int | None = None, progress: bool = True) -> Path:
+    """Train as ``cfg`` says; returns the path of the final weights (``<output>/model.safetensors``)."""
+    if iterations is not None:
+        if iterations < 0:
+            raise UsageError(f"--iterations must be >= 0, got {iterations}")
+        cfg.train.iterations = iterations
+    out = Path(output_dir or cfg.output_dir or Path("runs") / cfg.name)
+    info = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, out, info, resume, progress)
+    finally:
+        distributed.teardown(info)
+
+
+def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, progress: bool) -> Path:
+    from ..data.datasets import TrainPatches, build_sources, make_loader
+    from ..models.checkpoint import load_partial
+
+    t, dev = cfg.train, info.device
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if not resume and (state.list_checkpoints(out) or (out / "model.safetensors").exists()):
+        raise UsageError(f"{out} holds an earlier run: pass --resume to continue it, or choose another "
+                         "--output-dir")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        state.sweep_partial(out)
+
+    # Model, optimizer, schedule. The same seed gives every rank the same initial weights.
+    torch.manual_seed(t.seed)
+    model = make_model(cfg).to(dev)
+    found = state.load_latest(out) if resume else None
+    init_report = None
+    if found is None and cfg.init.path:
+        init_report = load_partial(model, cfg.init.path, cfg.init.tasks)
+    params = list(model.parameters())
+    optimizer = torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=t.milestones, gamma=t.gamma)
+    ema = state.EMA(model, t.ema) if t.ema else None
+    start, best = 0, None
+    if found is not None:
+        folder, saved = found
+        state.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, rank=info.rank,
+                      world=info.world_size)
+        start, best = saved["step"], saved.get("best")
+    step_module = distributed.wrap(MultiTaskStep(model), info)
+    out_model = lambda: ema.module if ema is not None else model  # noqa: E731 - the weights we publish
+
+    # Data: step s on rank r reads global samples (s * world + r) * batch + i, i < batch.
+    dataset = TrainPatches(build_sources(cfg), seed=t.seed)
+    loader = make_loader(dataset, start=start, stop=t.iterations, batch=t.batch, rank=info.rank,
+                         world=info.world_size, workers=t.workers, pin_memory=dev.type == "cuda")
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and dev.type == "cuda")
+    weights = {task: float(t.weights.get(task, 1.0)) for task in cfg.model.tasks}
+
+    mon = Monitor(out, cfg, start, info.is_main, progress)
+    if info.is_main:
+        (out / "config.yaml").write_text(dump_config(cfg))
+        n_params = sum(p.numel() for p in params)
+        mon.say(f"EDT-{model.cfg.size} {'+'.join(model.tasks)}: {n_params:,} parameters, "
+                f"{info.world_size} process(es) on {dev.type}, {'bf16' if bf16 else 'fp32'}, batch {t.batch} "
+                f"per task per process, {t.iterations} iterations -> {out}")
+        for src in dataset.sources:
+            mon.say(f"  {src.task}: {len(src.images)} images ({src.degradation}) + {len(src.pairs)} pairs, "
+                    f"patch {src.patch}")
+        if found is not None:
+            mon.say(f"resumed from {found[0]} (step {start})")
+        elif resume:
+            mon.say(f"--resume: no complete checkpoint in {out}; starting from step 0")
+        if init_report is not None:
+            mon.say(f"init from {cfg.init.path}: kept {len(init_report.kept)} tensors (body + "
+                    f"{', '.join(cfg.init.tasks or model.tasks)}); dropped {len(init_report.dropped)} "
+                    f"({', '.join(sorted({k.split('.')[0] for k in init_report.dropped})) or 'none'}); "
+                    f"{len(init_report.mismatched)} of another shape and {len(init_report.missing)} missing "
+                    f"left as initialised")
+
+    model.train()
+    t0, last_step = time.perf_counter(), start
+    step = start
+    for step, batch in enumerate(loader, start=start + 1):
+        torch.manual_seed(state.step_seed(t.seed, step, info.rank))  # drop path: a function of the step
+        loss, losses = train_step(step_module, batch, optimizer, weights, dev, bf16, t.grad_clip, params)
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        mon.bar.update(1)
+
+        if step % cfg.log.every == 0 or step == t.iterations:
+            vals = {"loss": loss, **{f"loss/{k}": v for k, v in losses.items()}}
+            vals = distributed.mean_across(vals, info)
+            dt = time.perf_counter() - t0
+            speed = (step - last_step) / dt if dt > 0 else 0.0
+            t0, last_step = time.perf_counter(), step
+            mon.bar.set_postfix(loss=f"{vals['loss']:.4f}")
+            mon.record(step, {**vals, "lr": optimizer.param_groups[0]["lr"], "it_per_s": round(speed, 4),
+                              "patches_per_s": round(speed * t.batch * len(weights) * info.world_size, 2)})
+
+        if cfg.val.folder and step % cfg.val.every == 0 and info.is_main:
+            scores = validate(out_model(), cfg, dev)
+            mon.record(step, {f"val/{k}": v for k, v in scores.items()})
+            mon.say(f"step {step}: validation " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            if "psnr" in scores and (best is None or scores["psnr"] > best["psnr"]):
+                best = {"step": step, **scores}
+                state.save_weights(out_model(), out / "best.safetensors",
+                                   metadata={"step": step, "val": scores})
+
+        if step % cfg.checkpoint.every == 0 or step == t.iterations:
+            rngs = distributed.gather_objects(state.rng_state(), info)
+            if info.is_main:
+                state.save_checkpoint(out, step, model=model, out_model=out_model(), optimizer=optimizer,
+                                      scheduler=scheduler, ema=ema, rng=rngs, best=best,
+                                      keep=cfg.checkpoint.keep)
+
+    final = out / "model.safetensors"
+    if info.is_main:
+        state.save_weights(out_model(), final, metadata={"step": max(step, start), "ema": ema is not None})
+        note = f" (best val PSNR {best['psnr']:.4f} at step {best['step']})" if best else ""
+        mon.say(f"done: {final}{note}")
+    mon.close()
+    distributed.barrier(info)
+    return final

@@ -1,0 +1,238 @@
+"""Checkpoints, resume, RNG states and EMA.
+
+A checkpoint is a folder ``<output>/checkpoints/step_<N>/`` with
+
+* ``model.safetensors``: the weights to use (the EMA weights when EMA is on), for ``edtir.load_model``;
+* ``state.pt``: what training needs to continue: raw weights, optimizer, scheduler, EMA, step, best validation
+  score, and every RNG (Python, NumPy, torch CPU and CUDA, one set per rank).
+
+Both files are written into a hidden temporary folder, each file itself atomically (temporary name, fsync,
+``os.replace``), and the folder is renamed into place last, so a ``step_<N>`` folder either holds a complete
+checkpoint or does not exist. ``--resume`` takes the newest complete one whose state file loads; leftovers of
+a killed write are swept away on start."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "edtir-train-state/1"
+CKPT_RE = re.compile(r"^step_(\d{8,})$")
+MODEL_FILE, STATE_FILE = "model.safetensors", "state.pt"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# EMA
+# ------------------------------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of a model's weights, kept in a frozen copy of the model (used to validate
+    and to save)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = float(decay)
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# RNG states
+# ------------------------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Every RNG of this process, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one step on one rank: drop path (and anything else drawn from torch's RNG during a
+    step) depends on (seed, step, rank) only, so a resumed run draws what an uninterrupted one did."""
+    return int(np.random.SeedSequence([seed, step, rank, 3]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------------------------
+
+def _fsync_write(path: Path, write) -> None:
+    """write(tmp) then fsync and rename onto ``path``: a reader never sees a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model, path: Path, metadata: dict | None = None) -> Path:
+    """``edtir.save_model`` (atomic ``.safetensors``), with the metadata in sorted order: safetensors writes
+    its metadata map in a random order per process, and the same weights should give the same bytes."""
+    from ..models.checkpoint import save_model
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_model(model, tmp, metadata=metadata)
+        _sort_safetensors_metadata(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # same content, so the same length; pad with spaces as safetensors does
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoints_dir(output: Path) -> Path:
+    return Path(output) / "checkpoints"
+
+
+def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (both files present), oldest first."""
+    root = checkpoints_dir(output)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and (p / MODEL_FILE).is_file() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def sweep_partial(output: Path) -> None:
+    """Remove what a killed write left behind (hidden temporary folders and files)."""
+    root = checkpoints_dir(output)
+    for folder in (root, Path(output)):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".tmp-step_") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                p.unlink(missing_ok=True)
+
+
+def save_checkpoint(output: Path, step: int, *, model, out_model, optimizer, scheduler, ema, rng: list,
+                    best: dict | None, keep: int, metadata: dict | None = None) -> Path:
+    """Write checkpoint ``step`` (see the module docstring); prune to the newest ``keep`` (0 keeps all)."""
+    root = checkpoints_dir(output)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(out_model, tmp / MODEL_FILE, metadata={"step": step, **(metadata or {})})
+    state = {"format": STATE_FORMAT, "step": step, "model": _cpu(model.state_dict()),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "ema": _cpu(ema.state_dict()) if ema is not None else None, "rng": rng, "best": best}
+    _fsync_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
+    if final.exists():  # re-written after resuming from an older checkpoint
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep:
+        for _, old in list_checkpoints(output)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _cpu(sd: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in sd.items()}
+
+
+def load_latest(output: Path) -> tuple[Path, dict] | None:
+    """(folder, state) of the newest complete checkpoint whose state file loads; None when there is none."""
+    for step, folder in reversed(list_checkpoints(output)):
+        try:
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged file: fall back to the one before
+            log.warning("%s: unreadable (%s); trying an older checkpoint", folder / STATE_FILE, e)
+            continue
+        if state.get("format") != STATE_FORMAT or state.get("step") != step:
+            log.warning("%s: not an edtir training state for step %d; skipped", folder / STATE_FILE, step)
+            continue
+        return folder, state
+    return None
+
+
+def restore(state: dict, *, model, optimizer, scheduler, ema, rank: int, world: int) -> None:
+    """Put a loaded training state back into the objects of a fresh run (same config)."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            if state["ema"] is None:
+                raise CheckpointError("the checkpoint was written without EMA but train.ema is set now")
+            ema.load_state_dict(state["ema"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        why = str(e).splitlines()[0]
+        raise CheckpointError(f"cannot resume: the checkpoint does not fit this config ({why})") from None
+    rngs = state.get("rng") or []
+    if len(rngs) == world:
+        set_rng_state(rngs[rank])
+    elif rngs:
+        log.warning("checkpoint written by %d processes, resuming with %d: RNG states not restored (the data "
+                    "stream and drop path are keyed by step and rank, so only the rank split changes)",
+                    len(rngs), world)
