@@ -74,11 +74,11 @@ def validate(model: EDT, cfg: Config, device: torch.device) -> dict[str, float]:
     was = model.training
     model.eval()
     try:
-        result = evaluate_folder(model, task, cfg.val.folder, max_images=cfg.val.max_images, device=device)
+        result = evaluate_folder(model, task, cfg.val.folder, max_images=cfg.val.max_images, device=device,
+                                 progress=False)
     finally:
         model.train(was)
-    get = result.get if isinstance(result, dict) else lambda k: getattr(result, k, None)
-    return {k: float(get(k)) for k in ("psnr", "ssim") if get(k) is not None}
+    return {k: float(result[k]) for k in ("psnr", "ssim")}
 
 
 class Monitor:
