@@ -58,13 +58,20 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts + [length - tile]
 
 
-def blend_ramp(n: int, ramp: int) -> torch.Tensor:
-    """1-D weights that rise linearly over ``ramp`` pixels at both ends (never 0): the pixels a tile sees with
-    little context count less where a neighbouring tile covers them too."""
-    i = torch.arange(n, dtype=torch.float32)
-    if ramp <= 0:
-        return torch.ones(n)
-    return torch.minimum(torch.ones(n), torch.minimum(i + 0.5, n - i - 0.5) / ramp)
+def blend_weights(n: int, overlap: int, lead: bool, trail: bool) -> torch.Tensor:
+    """1-D blending weights of a tile side of ``n`` output pixels. On a side shared with a neighbouring tile
+    (``lead``: the start, ``trail``: the end) the weight is 0 over the outer quarter of the overlap, where the
+    tile lacks context, then rises linearly to 1 over the next half; on an image border it stays 1. The
+    neighbour is at full weight wherever this tile is at 0, so every pixel is covered."""
+    w = torch.ones(n)
+    margin, ramp = overlap // 4, max(1, overlap // 2)
+    d = torch.arange(n, dtype=torch.float32)
+    rise = ((d - margin + 0.5) / ramp).clamp(0, 1)
+    if lead:
+        w = torch.minimum(w, rise)
+    if trail:
+        w = torch.minimum(w, rise.flip(0))
+    return w
 
 
 def forward_tiled(model, x: torch.Tensor, task: str, tile: int, overlap: int, tile_batch: int, device,
@@ -78,11 +85,16 @@ def forward_tiled(model, x: torch.Tensor, task: str, tile: int, overlap: int, ti
     Hp, Wp = xp.shape[-2:]
     tile = max(m, math.ceil(tile / m) * m)
     th, tw = min(tile, Hp), min(tile, Wp)
-    overlap = min(overlap, tile - m)  # keep the stride positive
+    overlap = min(overlap, tile // 2)  # at most half a tile: the stride stays positive
     boxes = [(i, j) for i in tile_starts(Hp, th, overlap) for j in tile_starts(Wp, tw, overlap)]
     out = torch.zeros(x.shape[0], 3, Hp * s, Wp * s, dtype=torch.float32, device=x.device)
     weight = torch.zeros(1, 1, Hp * s, Wp * s, dtype=torch.float32, device=x.device)
-    mask = (blend_ramp(th * s, overlap * s)[:, None] * blend_ramp(tw * s, overlap * s)[None, :]).to(x.device)
+
+    def mask(i, j):
+        wy = blend_weights(th * s, overlap * s, i > 0, i + th < Hp)
+        wx = blend_weights(tw * s, overlap * s, j > 0, j + tw < Wp)
+        return (wy[:, None] * wx[None, :]).to(x.device)
+
     bar = _progress(len(boxes), progress, "tiles")
     for k in range(0, len(boxes), tile_batch):
         group = boxes[k:k + tile_batch]
@@ -90,8 +102,9 @@ def forward_tiled(model, x: torch.Tensor, task: str, tile: int, overlap: int, ti
         res = run(batch).float().to(x.device)
         for n, (i, j) in enumerate(group):
             sl = (..., slice(i * s, (i + th) * s), slice(j * s, (j + tw) * s))
-            out[sl] += res[n * x.shape[0]:(n + 1) * x.shape[0]] * mask
-            weight[sl] += mask
+            w = mask(i, j)
+            out[sl] += res[n * x.shape[0]:(n + 1) * x.shape[0]] * w
+            weight[sl] += w
         bar.update(len(group))
     bar.close()
     return (out / weight)[..., : H * s, : W * s]
@@ -170,7 +183,8 @@ def restore(model, image, *, task: str | None = None, tile: int | None = None, t
     float32, on the input's device). Any size: the engine mirror-pads to the model's size multiple and crops
     back.
     ``tile``: input-side tile size (rounded up to the size multiple) for bounded memory; tiles overlap by
-    ``tile_overlap`` input pixels and are blended; ``tile_batch`` tiles run per forward pass.
+    ``tile_overlap`` input pixels (at most half a tile) and are blended; ``tile_batch`` tiles run per forward
+    pass.
     ``self_ensemble``: average over the 8 flips/rotations. ``device``: where the model runs (the model is
     moved there; default: where it already is). ``precision``: "fp32" or "bf16" (autocast).
     """
