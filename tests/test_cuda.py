@@ -1,0 +1,63 @@
+"""GPU checks (skipped without CUDA; run on a lent GPU with `pytest tests/test_cuda.py`)."""
+
+import numpy as np
+import pytest
+import torch
+
+import edtir
+from edtir.data.io import read_image
+
+from test_models import REFERENCE
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def official():
+    d = REFERENCE / "official-output"
+    if not d.exists():
+        pytest.skip("official-output reference not found")
+    state = np.load(d / "SRx2_EDTT_random_state.npz")
+    io = np.load(d / "SRx2_EDTT_random_io.npz")
+    return {k: torch.from_numpy(v) for k, v in state.items()}, io
+
+
+def test_official_output_on_cuda_fp32_and_bf16(official):
+    sd, io = official
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = edtir.load_model(sd, device="cuda")
+    x = torch.from_numpy(io["input"]).cuda()
+    with torch.no_grad():
+        out = model(x).cpu().numpy()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out16 = model(x).float().cpu().numpy()
+    assert np.abs(out - io["output"]).max() < 1e-4
+    assert np.isfinite(out16).all() and np.abs(out16 - io["output"]).max() < 0.1
+
+
+def test_tiled_equals_untiled_on_cuda():
+    torch.manual_seed(0)
+    model = edtir.build_model("T", ["sr-x2"]).cuda().eval()
+    image = read_image(REFERENCE.parent / "data" / "Set14" / "monarch.png")[:200, :300]
+    full = edtir.restore(model, image, device="cuda")
+    tiled = edtir.restore(model, image, device="cuda", tile=96, tile_overlap=24, tile_batch=4)
+    assert np.abs(full.astype(int) - tiled.astype(int)).max() <= 1
+
+
+def test_training_step_bf16_on_cuda():
+    torch.manual_seed(0)
+    model = edtir.build_model("T", ["sr-x2", "denoise-15"]).cuda().train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+    batch = {"sr-x2": torch.rand(4, 3, 48, 48, device="cuda"), "denoise-15": torch.rand(4, 3, 192, 192, device="cuda")}
+    target = {"sr-x2": torch.rand(4, 3, 96, 96, device="cuda"), "denoise-15": torch.rand(4, 3, 192, 192, device="cuda")}
+    losses = []
+    for _ in range(5):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.forward_multi(batch)
+            loss = sum((out[t].float() - target[t]).abs().mean() for t in out)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
