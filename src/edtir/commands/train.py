@@ -15,6 +15,8 @@ distributed: torchrun --nproc_per_node=4 -m edtir train CONFIG.yaml (ranks come 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train or fine-tune an EDT model from a YAML config",
+        usage="%(prog)s CONFIG.yaml [--output-dir D] [--iterations N] [--resume] [--no-progress] "
+              "[key.path=value ...]",
         description="Train or fine-tune an EDT model: single-task or multi-task pre-training, fine-tuning "
                     "from a checkpoint (init.path), exact resume (--resume), torchrun DDP.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -76,8 +76,8 @@ class RainPreset:
 RAIN_PRESETS = {
     "light": RainPreset(layers=(1, 1), density=(0.002, 0.005), length=(8, 20), width=(0.35, 0.6),
                         angle=(-25, 25), intensity=(0.5, 0.8)),
-    "heavy": RainPreset(layers=(2, 3), density=(0.004, 0.010), length=(20, 45), width=(0.6, 1.2),
-                        angle=(-30, 30), intensity=(0.6, 0.9), haze=(0.05, 0.2)),
+    "heavy": RainPreset(layers=(2, 3), density=(0.0015, 0.003), length=(20, 40), width=(0.7, 1.2),
+                        angle=(-30, 30), intensity=(0.45, 0.7), haze=(0.05, 0.2)),
 }
 
 
