@@ -54,6 +54,11 @@ def check_args(args) -> None:
         raise UsageError(f"--tile-batch must be >= 1 (got {args.tile_batch})")
 
 
+def finite_or_none(v):
+    """JSON has no NaN/inf: a set with no scored image (NaN) or identical images (inf) reads null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def fmt(v: float, digits: int) -> str:
     return f"{v:.{digits}f}" if math.isfinite(v) else str(v)
 
@@ -88,7 +93,7 @@ def run(args) -> int:
 
     if args.json:
         keys = ("task", "dataset", "model", "psnr", "ssim", "images")
-        doc = {"results": [{k: r[k] for k in keys} for r in results]}
+        doc = {"results": [{k: finite_or_none(r[k]) for k in keys} for r in results]}
         text = json.dumps(doc, indent=2) + "\n"
         atomic_write_bytes(args.json, lambda tmp: Path(tmp).write_text(text))
     if args.per_image:
