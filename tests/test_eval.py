@@ -201,6 +201,15 @@ def test_cli_failed_images_exit_1_and_the_rest_is_scored(tmp_path, capsys):
     one_line_error(err)
     assert "broken.png" in err
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["images"] == 2
+    # A set where nothing could be scored: exit 1, and valid JSON (null, not NaN).
+    bad = tmp_path / "Bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"\x89PNG garbage")
+    assert main(["eval", "--task", "sr-x2", "--model", "bicubic", "--data", str(bad), "--json",
+                 str(tmp_path / "b.json"), "--no-progress"]) == 1
+    [row] = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert row["images"] == 0 and row["psnr"] is None and row["ssim"] is None
+    one_line_error(capsys.readouterr().err)
 
 
 def test_cli_weights_without_the_task_and_a_tiled_edt_run(tmp_path, capsys):
