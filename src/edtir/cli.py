@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"edtir {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `edtir ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"edtir {args.command}: interrupted", file=sys.stderr)
         return 130

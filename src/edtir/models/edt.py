@@ -484,15 +484,16 @@ class ModelInfo:
     config: EDTConfig | None = field(default=None, repr=False)
 
     def describe(self) -> str:
-        lines = [f"architecture : {self.arch}" + (f" (EDT-{self.size})" if self.size else ""),
+        edt = self.arch == "EDT"
+        lines = [f"architecture : {self.arch}" + (f" (EDT-{self.size})" if edt and self.size else ""),
                  f"tasks        : {', '.join(self.tasks)}",
                  "scale        : " + ", ".join(f"{t} x{s}" for t, s in self.scales.items()),
                  "size multiple: " + ", ".join(f"{t} {m}" for t, m in self.size_multiples.items()),
                  f"parameters   : {self.params:,}",
                  f"window       : {self.window_size[0]}x{self.window_size[1]} / "
-                 f"{self.window_size[1]}x{self.window_size[0]}",
-                 f"upsampler    : {self.upsampler}" if any(s > 1 for s in self.scales.values()) else None,
-                 f"variant      : {'EDT' if self.downsample else 'EDT-SF (no down-sampling)'}",
+                 f"{self.window_size[1]}x{self.window_size[0]}" if edt else None,
+                 f"upsampler    : {self.upsampler}" if edt and any(s > 1 for s in self.scales.values()) else None,
+                 f"variant      : {'EDT' if self.downsample else 'EDT-SF (no down-sampling)'}" if edt else None,
                  f"precisions   : {', '.join(self.precisions)}"]
         return "\n".join(line for line in lines if line)
 
