@@ -5,13 +5,15 @@ with the same bytes as an uninterrupted run.
     python benchmarks/check_resume.py --trials 8 --kills 3 --work /tmp/resume-check
 
 Each trial starts ``edtir train CONFIG --output-dir D --iterations N``, kills its whole process group (the
-trainer and its data workers) with SIGKILL after a random delay, restarts it with ``--resume``, possibly kills it
-again, and at the end compares ``D/model.safetensors`` with the reference byte for byte and tensor by tensor.
+trainer and its data workers) with SIGKILL at a random moment (a random step, then a random fraction of that
+step: mid-step, mid-checkpoint or mid final write), restarts it with ``--resume``, possibly kills it again, and
+at the end compares ``D/model.safetensors`` with the reference byte for byte and tensor by tensor.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -24,23 +26,49 @@ from pathlib import Path
 
 def command(cfg: str, out: Path, iterations: int, resume: bool) -> list[str]:
     cmd = [sys.executable, "-m", "edtir", "train", cfg, "--output-dir", str(out), "--iterations", str(iterations),
-           "--no-progress"]
+           "--no-progress", "log.every=1"]  # a log line per step tells where the run is (weights unaffected)
     return cmd + (["--resume"] if resume else [])
 
 
-def run(cmd: list[str], kill_after: float | None) -> tuple[bool, float]:
-    """(finished, seconds). Kills the process group after ``kill_after`` seconds if it is still running."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+def logged_step(out: Path) -> int:
     try:
-        p.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        return False, time.perf_counter() - t0
+        lines = (out / "log.jsonl").read_text().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def run(cmd: list[str], out: Path, kill_step: int | None, rnd: random.Random, start: int = 0
+        ) -> tuple[bool, str]:
+    """Run ``cmd``; when ``kill_step`` is given, SIGKILL its process group at a random moment of the step after
+    step ``kill_step`` was logged (which may be mid-checkpoint or mid final write). (finished, what happened)."""
+    err = open(out.parent / f"{out.name}.stderr", "ab")  # noqa: SIM115
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    seen, seen_t, step_time = logged_step(out), time.monotonic(), None
+    armed = False  # a resumed run first cuts the log back to its checkpoint: count steps only after that
+    while p.poll() is None:
+        if kill_step is not None:
+            n = logged_step(out)
+            if not armed:
+                if n > start:
+                    time.sleep(0.01)
+                    continue
+                armed, seen, seen_t = True, n, time.monotonic()
+            if n != seen:
+                now = time.monotonic()
+                step_time = (now - seen_t) / max(1, n - seen) if seen else None
+                seen, seen_t = n, now
+            if n >= kill_step:
+                frac = rnd.random()
+                time.sleep(frac * (step_time or 1.0))
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                return False, f"step {n} + {frac:.2f} of a step"
+        time.sleep(0.01)
+    err.close()
     if p.returncode != 0:
-        sys.exit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr.read().decode()[-2000:]}")
-    return True, time.perf_counter() - t0
+        sys.exit(f"command failed ({p.returncode}): {' '.join(cmd)}; see {err.name}")
+    return True, "finished"
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -65,9 +93,11 @@ def main() -> int:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     ref = work / "reference"
+    work.mkdir(parents=True)
     print(f"reference run: {args.config}, {args.iterations} iterations (kill-time seed {seed})", flush=True)
-    _, total = run(command(args.config, ref, args.iterations, False), None)
-    print(f"  {total:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    run(command(args.config, ref, args.iterations, False), ref, None, rnd)
+    print(f"  {time.perf_counter() - t0:.1f} s", flush=True)
 
     results = []
     for trial in range(args.trials):
@@ -75,11 +105,12 @@ def main() -> int:
         kills = rnd.randint(1, args.kills)
         times, resume, finished = [], False, False
         while not finished:
-            delay = rnd.uniform(0.5, total) if len(times) < kills else None
-            finished, took = run(command(args.config, out, args.iterations, resume), delay)
+            done = [p.name for p in (out / "checkpoints").glob("step_*")] if out.exists() else []
+            start = int(max(done)[5:]) if done else 0
+            target = rnd.randint(start, args.iterations) if len(times) < kills else None
+            finished, what = run(command(args.config, out, args.iterations, resume), out, target, rnd, start)
             if not finished:
-                steps = sorted(p.name for p in (out / "checkpoints").glob("step_*")) if out.exists() else []
-                times.append(f"{took:.1f}s ({steps[-1] if steps else 'no checkpoint'})")
+                times.append(f"{what} (resumable from step {start} before)")
             resume = True
         identical = (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
         tensors = same_tensors(out / "model.safetensors", ref / "model.safetensors")

@@ -37,7 +37,7 @@ def raw_config(tasks=("sr-x2",), **sections) -> dict:
                      "threads": 1, "seed": 3},
            "checkpoint": {"every": 2, "keep": 0}, "log": {"every": 1, "tensorboard": False}}
     for k, v in sections.items():
-        raw[k].update(v)
+        raw.setdefault(k, {}).update(v)
     return raw
 
 
@@ -61,8 +61,10 @@ def test_loss_falls(tmp_path):
     """Held-out patches (never drawn in training) score better after 15 steps than at initialisation."""
     from edtir.data.datasets import TrainPatches, build_sources
 
+    set5 = T91.parent / "Set5"
     cfg = config_from_dict(raw_config(train={"iterations": 15, "lr": 2e-3, "milestones": []},
-                                      checkpoint={"every": 100}))
+                                      checkpoint={"every": 100},
+                                      val={"folder": str(set5), "every": 15, "max_images": 1}))
     torch.manual_seed(cfg.train.seed)
     initial = make_model(cfg).eval()
     final = load_model(train(cfg, tmp_path / "run", progress=False))
@@ -74,7 +76,11 @@ def test_loss_falls(tmp_path):
         after = torch.nn.functional.l1_loss(final(x), y).item()
     assert after < 0.8 * before, (before, after)
     logged = [yaml.safe_load(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == list(range(1, 16)) and all(r["loss"] > 0 for r in logged)
+    steps = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 16)) and all(r["loss"] > 0 for r in steps)
+    (val,) = [r for r in logged if "val/psnr" in r]  # validation through the eval pipeline, best weights kept
+    assert val["step"] == 15 and 20 < val["val/psnr"] < 50 and 0 < val["val/ssim"] <= 1
+    assert load_model(tmp_path / "run" / "best.safetensors").tasks == ("sr-x2",)
 
 
 def test_multitask_step_reaches_every_task_with_its_weight():
@@ -90,7 +96,8 @@ def test_multitask_step_reaches_every_task_with_its_weight():
     weights = {"sr-x2": 1.0, "sr-x3": 0.5, "denoise-15": 0.0}
     loss, losses = train_step(MultiTaskStep(model), batch, opt, weights, torch.device("cpu"), False, 1.0, params)
     assert calls == [3]  # one pass through the body with all three tasks' batches
-    assert set(losses) == set(batch) and loss == pytest.approx(losses["sr-x2"] + 0.5 * losses["sr-x3"], rel=1e-6)
+    assert set(losses) == set(batch)
+    assert loss.item() == pytest.approx(losses["sr-x2"].item() + 0.5 * losses["sr-x3"].item(), rel=1e-6)
 
     def grad(prefix):
         return sum(p.grad.abs().sum().item() for n, p in model.named_parameters()

@@ -49,8 +49,9 @@ def make_model(cfg: Config) -> EDT:
 
 
 def train_step(step_module, batch, optimizer, weights: dict[str, float], device: torch.device, bf16: bool,
-               grad_clip: float | None, params) -> tuple[float, dict[str, float]]:
-    """One optimisation step on ``{task: (inputs, targets)}``; returns (total loss, loss per task)."""
+               grad_clip: float | None, params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step on ``{task: (inputs, targets)}``; returns (total loss, loss per task), detached
+    tensors (no GPU sync here: ``.item()`` them only when logging)."""
     inputs = {t: x.to(device, non_blocking=True) for t, (x, _) in batch.items()}
     targets = {t: y.to(device, non_blocking=True) for t, (_, y) in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -62,7 +63,7 @@ def train_step(step_module, batch, optimizer, weights: dict[str, float], device:
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
-    return loss.item(), {t: v.item() for t, v in losses.items()}
+    return loss.detach(), {t: v.detach() for t, v in losses.items()}
 
 
 def validate(model: EDT, cfg: Config, device: torch.device) -> dict[str, float]:
@@ -162,6 +163,8 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
     if not resume and (state.list_checkpoints(out) or (out / "model.safetensors").exists()):
         raise UsageError(f"{out} holds an earlier run: pass --resume to continue it, or choose another "
                          "--output-dir")
+    if cfg.val.folder and not Path(cfg.val.folder).is_dir():
+        raise UsageError(f"val.folder: {cfg.val.folder} is not a folder")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         state.sweep_partial(out)
@@ -226,7 +229,7 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
         mon.bar.update(1)
 
         if step % cfg.log.every == 0 or step == t.iterations:
-            vals = {"loss": loss, **{f"loss/{k}": v for k, v in losses.items()}}
+            vals = {"loss": loss.item(), **{f"loss/{k}": v.item() for k, v in losses.items()}}
             vals = distributed.mean_across(vals, info)
             dt = time.perf_counter() - t0
             speed = (step - last_step) / dt if dt > 0 else 0.0
