@@ -125,3 +125,8 @@ def test_real_training_folder(data_dir):
 
     kept = list_training_images([data_dir / "BSD200"], exclude=read_exclude_list(overlap))
     assert len(kept) == 200 - 67
+
+
+def test_training_on_a_test_set_warns(data_dir):
+    with pytest.warns(UserWarning, match="evaluation set"):
+        list_training_images([data_dir / "Set5"])
