@@ -124,7 +124,10 @@ def test_finetune_loads_body_and_named_heads(tmp_path, capfd):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Exact resume
+# Exact resume (with EMA and gradient clipping on, so their state is restored too)
+
+RESUME = {"train": {"ema": 0.9, "grad_clip": 0.5}}
+
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
@@ -132,7 +135,7 @@ def reference_run(tmp_path_factory):
         pytest.skip(f"{T91} not found")
     out = tmp_path_factory.mktemp("ref") / "run"
     n = torch.get_num_threads()
-    train(config_from_dict(raw_config()), out, progress=False)
+    train(config_from_dict(raw_config(**RESUME)), out, progress=False)
     torch.set_num_threads(n)
     return out
 
@@ -140,20 +143,23 @@ def reference_run(tmp_path_factory):
 @needs_t91
 def test_resume_in_process_is_exact(reference_run, tmp_path):
     out = tmp_path / "run"
-    train(config_from_dict(raw_config()), out, iterations=2, progress=False)  # "killed" after step 2
+    train(config_from_dict(raw_config(**RESUME)), out, iterations=2, progress=False)  # "killed" after step 2
     (out / "model.safetensors").unlink()
     # Leftovers of a write killed half-way: an incomplete newer checkpoint and a temporary folder.
     (out / "checkpoints" / "step_00000003").mkdir()
     shutil.copy(out / "checkpoints" / "step_00000002" / "model.safetensors", out / "checkpoints" / "step_00000003")
     (out / "checkpoints" / ".tmp-step_00000004-1").mkdir()
     with pytest.raises(Exception, match="--resume"):
-        train(config_from_dict(raw_config()), out, progress=False)  # refuses to overwrite without --resume
-    train(config_from_dict(raw_config()), out, resume=True, progress=False)
+        train(config_from_dict(raw_config(**RESUME)), out, progress=False)  # refuses without --resume
+    train(config_from_dict(raw_config(**RESUME)), out, resume=True, progress=False)
     assert (out / "model.safetensors").read_bytes() == (reference_run / "model.safetensors").read_bytes()
     assert not (out / "checkpoints" / ".tmp-step_00000004-1").exists()
     a = torch.load(out / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
     b = torch.load(reference_run / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
-    assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"] == 4
+    assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"] == 4 and a["ema"] is not None
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]) and torch.equal(a["model"][k], b["model"][k]), k
+    assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["ema"])  # the EMA is not the raw model
     for k in a["optimizer"]["state"]:
         assert torch.equal(a["optimizer"]["state"][k]["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
 
@@ -161,7 +167,7 @@ def test_resume_in_process_is_exact(reference_run, tmp_path):
 @needs_t91
 def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump(raw_config()))
+    cfg_file.write_text(yaml.safe_dump(raw_config(**RESUME)))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "edtir", "train", str(cfg_file), "--output-dir", str(out), "--no-progress"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
