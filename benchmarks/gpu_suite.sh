@@ -10,26 +10,29 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ ! -e ../shared ] && [ -d .carry/shared ]; then ln -s "$PWD/.carry/shared" ../shared; fi
 PY=${PY:-python3}
+STEPS=${STEPS:-"device cuda forward train_speed eval_speed zoo"}  # a subset reruns only those
+want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 step() { echo; echo "=== $* ($(date +%T))"; }
 
-step device
+want device && { step device
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"; }
 
-step CUDA tests
+want cuda && { step CUDA tests
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_models.py -k "cuda or official_output" 2>&1 \
-  | tail -5 | tee "$OUT/pytest.txt"
+  | tail -5 | tee "$OUT/pytest.txt"; }
 
-step forward speed
-timeout 90 $PY benchmarks/model_speed.py --device cuda --sizes T,B,L --input 256 --precision fp32,bf16 --repeats 10 \
-  2>&1 | tee "$OUT/model_speed.txt"
+want forward && { step forward speed
+timeout 90 $PY benchmarks/model_speed.py --device cuda --sizes T,B,L --input 240 --precision fp32,bf16 --repeats 10 \
+  2>&1 | tee "$OUT/model_speed.txt"; }
 
-step training throughput
-timeout 150 $PY benchmarks/train_speed.py --device cuda --sizes T,B --batch 32 --patch 48 2>&1 | tee "$OUT/train_speed.txt"
+want train_speed && { step training throughput
+timeout 150 $PY benchmarks/train_speed.py --device cuda --sizes T,B --batch 32 --patch 48 2>&1 | tee "$OUT/train_speed.txt"; }
 
-step eval speed
+want eval_speed && { step eval speed
 timeout 90 $PY benchmarks/eval_speed.py --device cuda --images Set14/comic.png,Set14/monarch.png,Set14/barbara.png \
-  2>&1 | tee "$OUT/eval_speed.txt"
+  2>&1 | tee "$OUT/eval_speed.txt"; }
+want zoo || exit 0
 
 step "demo model training (${TRAIN_SECONDS}s)"
 ITERS=${ITERS:-$($PY - "$OUT/train_speed.txt" "$TRAIN_SECONDS" <<'PY'

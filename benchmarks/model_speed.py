@@ -2,7 +2,7 @@
 
     python benchmarks/model_speed.py                       # CPU, 2 threads, EDT-B SR x2 on 72x72 (the issue's case)
     python benchmarks/model_speed.py --sizes T,S,B,L --input 72
-    python benchmarks/model_speed.py --device cuda --input 256 --precision fp32,bf16
+    python benchmarks/model_speed.py --device cuda --input 240 --precision fp32,bf16
 """
 
 from __future__ import annotations

@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from test_models import REFERENCE
 
 import edtir
 from edtir.data.io import read_image
-
-from test_models import REFERENCE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -61,3 +60,21 @@ def test_training_step_bf16_on_cuda():
         opt.step()
         losses.append(loss.item())
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_fused_attention_kernels_are_used_in_training():
+    """head_dim 5 (EDT-T) and 15 (EDT-B) are padded so SDPA's memory-efficient kernel runs, not the math path
+    that stores every attention matrix; forcing that kernel must work, and match the math path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    for size in ("T", "B"):
+        model = edtir.build_model(size, ["sr-x2"], drop_path=0.0).cuda().train()
+        x = torch.rand(2, 3, 48, 48, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+                fused = model(x)
+            with sdpa_kernel(SDPBackend.MATH):
+                math = model(x)
+        fused.float().mean().backward()
+        assert (fused.float() - math.float()).abs().max() < 0.05

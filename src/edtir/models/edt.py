@@ -215,7 +215,11 @@ class LePEAttention(nn.Module):
         if mask is not None:  # (nW, N, N) -> (B*nW, 1, N, N); 4-D keeps SDPA on its fused kernels
             nw = mask.shape[0]
             mask = mask.to(q.dtype).unsqueeze(0).expand(bw // nw, nw, n, n).reshape(bw, 1, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale) + lepe
+        pad = -d % 8 if q.is_cuda else 0
+        if pad:  # fused GPU kernels need head_dim % 8 == 0 (EDT has 5, 10, 15): zero columns change nothing
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = (out[..., :d] if pad else out) + lepe
         out = out.transpose(1, 2).reshape(bw, n, c)
         return window_reverse(out, wh, ww, B, H, W)
 
