@@ -66,3 +66,16 @@ def test_demo_writes_outputs_and_beats_nothing_silently(tmp_path, capsys):
     bic = read_image(next(tmp_path.glob("*bicubic.png")))
     assert bic.shape == hr.shape
     assert edtir.psnr(bic, hr, 2, True) > 30  # the sample is a real photo: bicubic x2 is well above 30 dB
+
+
+def test_bundled_model_is_the_demo_default_and_beats_bicubic_on_set5(data_dir):
+    from edtir import zoo
+    from edtir.evaluate import evaluate_folder
+
+    assert zoo.default_model() == "edt-t-sr-x2-291"
+    model = zoo.get_model("edt-t-sr-x2-291")
+    assert model.info.size == "T" and model.tasks == ("sr-x2",)
+    ours = evaluate_folder(model, "sr-x2", data_dir / "Set5", progress=False)
+    bicubic = evaluate_folder(zoo.get_model("bicubic", task="sr-x2"), "sr-x2", data_dir / "Set5", progress=False)
+    assert abs(ours["psnr"] - 33.7718) < 0.01  # the figure in the README and registry (measured on an H200)
+    assert ours["psnr"] > bicubic["psnr"] + 0.05

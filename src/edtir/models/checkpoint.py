@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -349,8 +350,25 @@ def config_metadata(cfg: EDTConfig) -> dict[str, str]:
     return {"format": FORMAT, "config": json.dumps(asdict(cfg))}
 
 
+def _sort_safetensors_metadata(path: str | os.PathLike) -> None:
+    """Rewrite the header with sorted metadata: safetensors writes its metadata map in a random order per
+    process, and the same weights should give the same bytes (exact-resume checks compare files)."""
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # same content, so the same length; pad with spaces as safetensors does
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_model(model: EDT, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """edtir ``.safetensors``: weights without the mask buffers, the configuration as metadata. Atomic."""
+    """edtir ``.safetensors``: weights without the mask buffers, the configuration as metadata. Atomic, and
+    byte-deterministic for the same weights and metadata."""
     from safetensors.torch import save_file
 
     model = getattr(model, "module", model)  # DDP
@@ -358,7 +376,12 @@ def save_model(model: EDT, path: str | os.PathLike, metadata: dict | None = None
     meta = config_metadata(model.cfg)
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
-    return _atomic(Path(path), lambda tmp: save_file(sd, tmp, metadata=meta))
+
+    def write(tmp):
+        save_file(sd, tmp, metadata=meta)
+        _sort_safetensors_metadata(tmp)
+
+    return _atomic(Path(path), write)
 
 
 def official_state_dict(model: EDT) -> dict[str, torch.Tensor]:

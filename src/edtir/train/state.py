@@ -14,13 +14,11 @@ a killed write are swept away on start."""
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import random
 import re
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -114,34 +112,10 @@ def _fsync_write(path: Path, write) -> None:
 
 
 def save_weights(model, path: Path, metadata: dict | None = None) -> Path:
-    """``edtir.save_model`` (atomic ``.safetensors``), with the metadata in sorted order: safetensors writes
-    its metadata map in a random order per process, and the same weights should give the same bytes."""
+    """``edtir.save_model``: atomic, fsynced, byte-deterministic ``.safetensors``."""
     from ..models.checkpoint import save_model
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_model(model, tmp, metadata=metadata)
-        _sort_safetensors_metadata(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _sort_safetensors_metadata(path: Path) -> None:
-    with open(path, "r+b") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) <= n:  # same content, so the same length; pad with spaces as safetensors does
-            f.seek(8)
-            f.write(text + b" " * (n - len(text)))
-        f.flush()
-        os.fsync(f.fileno())
+    return save_model(model, path, metadata=metadata)
 
 
 def checkpoints_dir(output: Path) -> Path:
