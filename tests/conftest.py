@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,3 +28,12 @@ def data_dir() -> Path:
 @pytest.fixture
 def reference_dir() -> Path:
     return need(REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def official_pair():
+    """The official EDT-T SR x2 state dict (random weights) and the official code's input/output for it."""
+    d = need(REFERENCE / "official-output")
+    state = np.load(d / "SRx2_EDTT_random_state.npz")
+    io = np.load(d / "SRx2_EDTT_random_io.npz")
+    return {k: torch.from_numpy(v) for k, v in state.items()}, io

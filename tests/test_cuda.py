@@ -11,18 +11,8 @@ from edtir.data.io import read_image
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(scope="module")
-def official():
-    d = REFERENCE / "official-output"
-    if not d.exists():
-        pytest.skip("official-output reference not found")
-    state = np.load(d / "SRx2_EDTT_random_state.npz")
-    io = np.load(d / "SRx2_EDTT_random_io.npz")
-    return {k: torch.from_numpy(v) for k, v in state.items()}, io
-
-
-def test_official_output_on_cuda_fp32_and_bf16(official):
-    sd, io = official
+def test_official_output_on_cuda_fp32_and_bf16(official_pair):
+    sd, io = official_pair
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     model = edtir.load_model(sd, device="cuda")

@@ -15,16 +15,6 @@ from edtir.data.io import list_images, read_image, write_image
 from edtir.errors import UsageError
 from edtir.evaluate import evaluate_folder, modcrop, samples
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small forward passes are dominated by per-op thread synchronisation; on a busy 2-core machine two threads
-    run them up to 40x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # Published bicubic rows (MATLAB), evaluation.md: (PSNR, SSIM) on Y, crop = scale.
 PUBLISHED_SET5 = {2: (33.66, 0.9299), 3: (30.39, 0.8682), 4: (28.42, 0.8104)}
 

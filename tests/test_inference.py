@@ -13,16 +13,6 @@ from edtir.inference import dihedral, dihedral_inverse, mirror_pad, tile_starts
 from edtir.models.edt import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small forward passes are dominated by per-op thread synchronisation; on a busy 2-core machine two threads
-    run them up to 40x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Toy(nn.Module):
     """A model with EDT's descriptor that insists on its size multiple, like EDT does."""
 

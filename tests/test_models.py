@@ -73,16 +73,6 @@ def test_sizes_table_sr_x2_params():
         assert edtir.build_model(size, ["sr-x2"]).info.params == n
 
 
-@pytest.fixture(scope="module")
-def official_pair():
-    d = REFERENCE / "official-output"
-    if not d.exists():
-        pytest.skip("official-output reference not found")
-    state = np.load(d / "SRx2_EDTT_random_state.npz")
-    io = np.load(d / "SRx2_EDTT_random_io.npz")
-    return {k: torch.from_numpy(v) for k, v in state.items()}, io
-
-
 def test_official_output_reproduced(official_pair, tmp_path):
     sd, io = official_pair
     path = tmp_path / "SRx2_EDTT.pth"

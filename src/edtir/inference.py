@@ -172,6 +172,17 @@ def _as_batch(image):
     raise TypeError(f"expected a numpy image or a torch tensor, got {type(image).__name__}")
 
 
+def resolve_task(model, task: str | None) -> str:
+    """The task to run: the named one (which the model must have), or the model's only task."""
+    if task is None:
+        if len(model.tasks) != 1:
+            raise ValueError(f"the model has several tasks ({', '.join(model.tasks)}): choose one (task=...)")
+        return model.tasks[0]
+    if task not in model.tasks:
+        raise ValueError(f"task {task!r} is not in this model (it has: {', '.join(model.tasks)})")
+    return task
+
+
 @torch.inference_mode()
 def restore(model, image, *, task: str | None = None, tile: int | None = None, tile_overlap: int = 32,
             tile_batch: int = 1, self_ensemble: bool = False, device=None, precision: str = "fp32",
@@ -189,12 +200,7 @@ def restore(model, image, *, task: str | None = None, tile: int | None = None, t
     moved there; default: where it already is). ``precision``: "fp32" or "bf16" (autocast).
     """
     x, give_back = _as_batch(image)
-    if task is None:
-        if len(model.tasks) != 1:
-            raise ValueError(f"the model has several tasks ({', '.join(model.tasks)}): pass task=...")
-        task = model.tasks[0]
-    if task not in model.tasks:
-        raise ValueError(f"task {task!r} is not in this model (it has: {', '.join(model.tasks)})")
+    task = resolve_task(model, task)
     if tile is not None and tile <= 0:
         raise ValueError(f"tile must be positive, got {tile}")
     if tile_overlap < 0 or tile_batch < 1:

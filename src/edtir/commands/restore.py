@@ -68,7 +68,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..data.io import read_image, write_image
-    from ..inference import restore
+    from ..inference import resolve_task, restore
 
     if args.tile is not None and args.tile <= 0:
         raise UsageError(f"--tile must be a positive number of pixels (got {args.tile})")
@@ -77,13 +77,10 @@ def run(args) -> int:
     files = collect_inputs(args.inputs)
     device = resolve_device(args.device)
     model = model_from_args(args, task=args.task, device=device)
-    task = args.task
-    if task is None:
-        if len(model.tasks) != 1:
-            raise UsageError(f"the model has several tasks ({', '.join(model.tasks)}): choose one with --task")
-        task = model.tasks[0]
-    elif task not in model.tasks:
-        raise UsageError(f"the model does not do {task} (it does: {', '.join(model.tasks)})")
+    try:
+        task = resolve_task(model, args.task)
+    except ValueError as e:
+        raise UsageError(f"{e} (--task)") from None
     suffix = f"_{task}" if args.suffix is None else args.suffix
     outs = output_paths(files, args.output, suffix)
     inputs = {f.resolve() for f in files}
