@@ -242,6 +242,9 @@ def test_bad_files_give_clear_errors(tmp_path, official_pair):
     cases["mask"] = (tmp_path / "mask.pth", "shift mask differs")
     torch.save({"foo": 1, "bar": "x"}, tmp_path / "nodict.pth")
     cases["no tensors"] = (tmp_path / "nodict.pth", "not a state dict")
+    png = tmp_path / "photo.pth"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    cases["an image"] = (png, "neither a PyTorch nor a safetensors file")
     for path, message in cases.values():
         with pytest.raises(CheckpointError, match=message):
             edtir.load_model(path)

@@ -91,7 +91,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if len(head) < 9:
         raise CheckpointError(f"{path}: file is empty or truncated")
     torch_file = head[:2] == b"PK" or head[:1] == b"\x80"  # zip (torch.save) or a legacy pickle
-    if path.suffix == ".safetensors" or (not torch_file and head[8:9] == b"{"):
+    if not torch_file and head[8:9] != b"{" and path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: not a checkpoint (neither a PyTorch nor a safetensors file)")
+    if path.suffix == ".safetensors" or not torch_file:
         from safetensors import SafetensorError, safe_open
 
         try:
