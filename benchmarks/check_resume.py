@@ -110,7 +110,7 @@ def main() -> int:
             target = rnd.randint(start, args.iterations) if len(times) < kills else None
             finished, what = run(command(args.config, out, args.iterations, resume), out, target, rnd, start)
             if not finished:
-                times.append(f"{what} (resumable from step {start} before)")
+                times.append(f"{what} (that run had started from step {start})")
             resume = True
         identical = (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
         tensors = same_tensors(out / "model.safetensors", ref / "model.safetensors")
