@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data.degrade import modcrop
 from .data.imresize import imresize
 from .data.io import list_images, read_image, tensor_to_uint8, write_image
 from .errors import EdtirError, ImageError, UsageError
@@ -58,14 +59,10 @@ def protocol(task: str) -> Protocol:
     return Protocol(task, kind, y_channel=True)
 
 
-def modcrop(image: np.ndarray, scale: int) -> np.ndarray:
-    """Crop the bottom/right so both sides are multiples of ``scale`` (the field's top-left modcrop)."""
-    h, w = image.shape[:2]
-    return image[: h - h % scale, : w - w % scale]
-
-
 def add_noise(gt: np.ndarray, sigma: float, rng: np.random.RandomState) -> np.ndarray:
-    """uint8 GT -> float64 noisy image in the 0-255 scale, not clipped, not rounded."""
+    """uint8 GT -> float64 noisy image in the 0-255 scale, not clipped, not rounded. Unlike the training
+    degradation (``degrade.add_noise``, float32 from a Generator), this reproduces the EDT release's
+    ``np.random.seed(0)`` draws exactly."""
     return gt.astype(np.float64) + rng.normal(0.0, sigma, gt.shape)
 
 
