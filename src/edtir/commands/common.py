@@ -20,6 +20,23 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
                    help="float32, or bfloat16 autocast (GPU; default fp32)")
 
 
+def add_inference_args(p: argparse.ArgumentParser) -> None:
+    """Tiling and self-ensemble flags of every command that runs a model over images (see edtir.restore)."""
+    p.add_argument("--self-ensemble", action="store_true", help="average over the 8 flips/rotations (x8 time)")
+    p.add_argument("--tile", type=int, metavar="N", help="restore in tiles of N input pixels (bounded memory)")
+    p.add_argument("--tile-overlap", type=int, default=32, metavar="N", help="overlap of tiles (default 32)")
+    p.add_argument("--tile-batch", type=int, default=1, metavar="N", help="tiles per forward pass (default 1)")
+
+
+def check_inference_args(args) -> None:
+    if args.tile is not None and args.tile <= 0:
+        raise UsageError(f"--tile must be a positive number of pixels (got {args.tile})")
+    if args.tile_overlap < 0:
+        raise UsageError(f"--tile-overlap must be >= 0 (got {args.tile_overlap})")
+    if args.tile_batch < 1:
+        raise UsageError(f"--tile-batch must be >= 1 (got {args.tile_batch})")
+
+
 def resolve_device(name: str):
     import torch
 

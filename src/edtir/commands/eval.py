@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
-from .common import add_device_args, add_model_args, resolve_device
+from .common import add_device_args, add_inference_args, add_model_args, check_inference_args, resolve_device
 
 
 def register(sub) -> None:
@@ -26,13 +26,7 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, action="append", metavar="DIR",
                    help="a data folder (repeat for several): clean images, or rainy/ + clean/")
     add_model_args(p)
-    p.add_argument("--self-ensemble", action="store_true",
-                   help="average over the 8 flips/rotations (x8 time)")
-    p.add_argument("--tile", type=int, metavar="N",
-                   help="restore in tiles of N input pixels (bounded memory)")
-    p.add_argument("--tile-overlap", type=int, default=32, metavar="N", help="overlap of tiles (default 32)")
-    p.add_argument("--tile-batch", type=int, default=1, metavar="N",
-                   help="tiles per forward pass (default 1)")
+    add_inference_args(p)
     add_device_args(p)
     p.add_argument("--save-dir", metavar="DIR", help="write outputs to DIR/<dataset>/<name>.png")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -46,12 +40,7 @@ def check_args(args) -> None:
 
     if args.task not in TASKS:
         raise UsageError(f"unknown task {args.task!r}; expected one of: {' '.join(TASKS)}")
-    if args.tile is not None and args.tile <= 0:
-        raise UsageError(f"--tile must be a positive number of pixels (got {args.tile})")
-    if args.tile_overlap < 0:
-        raise UsageError(f"--tile-overlap must be >= 0 (got {args.tile_overlap})")
-    if args.tile_batch < 1:
-        raise UsageError(f"--tile-batch must be >= 1 (got {args.tile_batch})")
+    check_inference_args(args)
 
 
 def finite_or_none(v):

@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EdtirError, ImageError, UsageError
-from .common import add_device_args, add_model_args, model_from_args, resolve_device
+from .common import (
+    add_device_args,
+    add_inference_args,
+    add_model_args,
+    check_inference_args,
+    model_from_args,
+    resolve_device,
+)
 
 
 def register(sub) -> None:
@@ -21,9 +28,7 @@ def register(sub) -> None:
                    help="output folder (default: restored/), or a file name for a single input")
     p.add_argument("--suffix", default=None, help="added to output names (default: _<task>)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--tile", type=int, metavar="N", help="restore in tiles of N input pixels (bounded memory)")
-    p.add_argument("--tile-overlap", type=int, default=32, metavar="N", help="overlap of tiles (default 32)")
-    p.add_argument("--self-ensemble", action="store_true", help="average over the 8 flips/rotations (x8 time)")
+    add_inference_args(p)
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -70,10 +75,7 @@ def run(args) -> int:
     from ..data.io import read_image, write_image
     from ..inference import resolve_task, restore
 
-    if args.tile is not None and args.tile <= 0:
-        raise UsageError(f"--tile must be a positive number of pixels (got {args.tile})")
-    if args.tile_overlap < 0:
-        raise UsageError("--tile-overlap must be >= 0")
+    check_inference_args(args)
     files = collect_inputs(args.inputs)
     device = resolve_device(args.device)
     model = model_from_args(args, task=args.task, device=device)
@@ -94,7 +96,8 @@ def run(args) -> int:
                 raise ImageError(f"{dst}: exists (use --overwrite to replace it)")
             image = read_image(src)
             out = restore(model, image, task=task, tile=args.tile, tile_overlap=args.tile_overlap,
-                          self_ensemble=args.self_ensemble, device=device, precision=args.precision,
+                          tile_batch=args.tile_batch, self_ensemble=args.self_ensemble, device=device,
+                          precision=args.precision,
                           progress=args.tile is not None and len(files) == 1)
             write_image(dst, out)
             tqdm.write(f"{src} -> {dst} ({image.shape[1]}x{image.shape[0]} -> {out.shape[1]}x{out.shape[0]})")
