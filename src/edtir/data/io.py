@@ -93,14 +93,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return to_rgb_uint8(arr, str(path))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same folder, so atomic)."""
+    """Call ``write(tmp_path)``, fsync, then rename the temporary file onto ``path`` (same folder, so atomic):
+    a reader, or a run killed at any moment, never sees a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:

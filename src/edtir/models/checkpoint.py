@@ -364,8 +364,6 @@ def _sort_safetensors_metadata(path: str | os.PathLike) -> None:
         if len(text) <= n:  # same content, so the same length; pad with spaces as safetensors does
             f.seek(8)
             f.write(text + b" " * (n - len(text)))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save_model(model: EDT, path: str | os.PathLike, metadata: dict | None = None) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.io import atomic_write_bytes
 from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -98,19 +99,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 # Files
 # ------------------------------------------------------------------------------------------------------------
 
-def _fsync_write(path: Path, write) -> None:
-    """write(tmp) then fsync and rename onto ``path``: a reader never sees a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_weights(model, path: Path, metadata: dict | None = None) -> Path:
     """``edtir.save_model``: atomic, fsynced, byte-deterministic ``.safetensors``."""
     from ..models.checkpoint import save_model
@@ -161,7 +149,7 @@ def save_checkpoint(output: Path, step: int, *, model, out_model, optimizer, sch
     state = {"format": STATE_FORMAT, "step": step, "model": _cpu(model.state_dict()),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "ema": _cpu(ema.state_dict()) if ema is not None else None, "rng": rng, "best": best}
-    _fsync_write(tmp / STATE_FILE, lambda p: torch.save(state, p))
+    atomic_write_bytes(tmp / STATE_FILE, lambda p: torch.save(state, p))
     if final.exists():  # re-written after resuming from an older checkpoint
         shutil.rmtree(final)
     os.replace(tmp, final)
