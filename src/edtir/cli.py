@@ -15,7 +15,7 @@ import sys
 
 from .errors import EdtirError
 
-COMMANDS = ("info", "eval", "restore", "train", "demo")
+COMMANDS = ("info", "models", "eval", "restore", "export", "train", "demo", "cka", "lam")
 
 
 class ArgumentParser(argparse.ArgumentParser):
