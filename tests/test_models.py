@@ -129,15 +129,21 @@ def test_shift_mask_regions_by_hand():
 
 def test_masks_cached_once_per_size(monkeypatch):
     model = edtir.build_model("T", ["sr-x2"]).eval()
-    calls = []
-    real = edt.shift_mask
+    calls, layouts = [], []
+    real, real_layout = edt.shift_mask, edt.WindowLayout
     monkeypatch.setattr(edt, "shift_mask", lambda *a, **k: calls.append(a[:2]) or real(*a, **k))
+    monkeypatch.setattr(edt, "WindowLayout", lambda *a, **k: layouts.append(a[:2]) or real_layout(*a, **k))
     x = torch.rand(1, 3, 48, 72)
     with torch.no_grad():
         model(x)
         model(x)
         model(torch.rand(2, 3, 24, 24))
-    assert calls == [(48, 72), (48, 72), (24, 24), (24, 24)]  # one horizontal + one vertical mask per size
+        with edt.reference_mode():
+            model(x)
+            model(x)
+            model(torch.rand(2, 3, 24, 24))
+    assert layouts == [(48, 72), (24, 24)]  # fast path: one layout (gather indices and shift bias) per size
+    assert calls == [(48, 72), (48, 72), (24, 24), (24, 24)]  # reference: one horizontal + one vertical mask
 
 
 @pytest.mark.parametrize("window", [(8, 8), (12, 12), (4, 16), (8, 16), (6, 24)])

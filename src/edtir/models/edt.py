@@ -10,6 +10,7 @@ official checkpoint loads with ``load_state_dict`` (see ``checkpoint.py`` for th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 
@@ -127,6 +128,50 @@ class EDTConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Two formulations of the attention: the plain reference and the fast default
+# ---------------------------------------------------------------------------------------------------------------
+
+#: "fast" (default): both branches' windows gathered in one copy, one attention call, one LePE conv.
+#: "reference": the straightforward formulation (roll, window partition, softmax(q kᵀ·scale + mask) v, roll back),
+#: kept to test the fast path against and to read the model by.
+ATTENTION_PATHS = ("fast", "reference")
+_path = ["fast"]
+
+
+@contextlib.contextmanager
+def attention_mode(path: str):
+    """Run EDT models with the ``fast`` or the ``reference`` attention inside the ``with`` block."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"unknown attention path {path!r}; expected one of: {', '.join(ATTENTION_PATHS)}")
+    old, _path[0] = _path[0], path
+    try:
+        yield
+    finally:
+        _path[0] = old
+
+
+def reference_mode():
+    """``with reference_mode(): model(x)`` runs the plain reference formulation."""
+    return attention_mode("reference")
+
+
+def exporting() -> bool:
+    """True while tracing or exporting. Then masks and gather indices are computed with tensor ops from the
+    traced shape instead of read from a cache keyed by Python ints, so one exported graph serves every size."""
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (is_exporting and is_exporting()))
+
+
+def head_pad(device: torch.device, head_dim: int) -> int:
+    """Head dim the fast path computes attention with. CUDA's fused kernels need a multiple of 8 (EDT has 5, 10,
+    15); on the CPU the flash kernel runs fastest at 16 (AVX-512: one register), and a few zero columns more are
+    cheap when the head dim is close to 16. Zero columns change no logit and no output."""
+    if device.type == "cuda":
+        return -(-head_dim // 8) * 8
+    return 16 if 12 <= head_dim < 16 else head_dim
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Windows and shift masks
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -186,13 +231,150 @@ class MaskCache:
         return hit
 
 
+def _wrap(i: torch.Tensor, length) -> torch.Tensor:
+    """``i % length`` for i in [-length, 2 * length), without a modulo by a traced size (which the ONNX
+    exporter cannot translate)."""
+    return torch.where(i >= length, i - length, torch.where(i < 0, i + length, i))
+
+
+def _axis(length, win: int, shift: int, device):
+    """Along one axis of a map rolled by -shift: (source position, region label), each (windows, win).
+    ``length`` may be a traced size. Labels follow the slices [0, -win), [-win, -shift), [-shift, end)."""
+    i = torch.arange(length, device=device)
+    src = _wrap(i + shift, length)
+    label = (i >= length - win).long() + (i >= length - shift).long() if shift else torch.zeros_like(i)
+    return src.view(-1, win), label.view(-1, win)
+
+
+def window_grid(H, W, window: tuple[int, int], shift: tuple[int, int], device, transposed: bool = False):
+    """For windows of ``window`` over an H x W map rolled by -``shift``: the flat source position (y * W + x) and
+    the shift-region label of every token, both (nW, N), windows in row-major grid order. Tokens are in row-major
+    order inside a window, or column-major with ``transposed`` (a vertical window then reads like a horizontal
+    one). Tensor ops only: H and W may be traced sizes."""
+    (wh, ww), (sh, sw) = window, shift
+    rs, rl = _axis(H, wh, sh, device)
+    cs, cl = _axis(W, ww, sw, device)
+    pos = rs[:, None, :, None] * W + cs[None, :, None, :]  # (nWh, nWw, wh, ww)
+    label = rl[:, None, :, None] * 3 + cl[None, :, None, :]
+    if transposed:
+        pos, label = pos.transpose(2, 3), label.transpose(2, 3)
+    return pos.reshape(-1, wh * ww), label.reshape(-1, wh * ww)
+
+
+def region_bias(label: torch.Tensor) -> torch.Tensor:
+    """(..., N) region labels -> (..., N, N) additive bias: -100 between tokens of different regions."""
+    return label.unsqueeze(-1).ne(label.unsqueeze(-2)).float() * -100.0
+
+
+def traced_shift_mask(H, W, window: tuple[int, int], shift: tuple[int, int], device) -> torch.Tensor:
+    """:func:`shift_mask` with tensor ops only (for tracing and export); equal to it."""
+    return region_bias(window_grid(H, W, window, shift, device)[1])
+
+
+class WindowLayout:
+    """Where every token goes in the fast path, for one map size (H, W) and both branches.
+
+    The qkv projection is laid out per token as [horizontal branch | vertical branch] (see
+    :meth:`EDTBlock.qkv_weight`). One gather (``index_select`` with ``gather[shifted]``) takes the rolled map
+    straight to windows, ordered (window, branch, token): the two branches become one batch of equal windows,
+    because the vertical branch reads its windows transposed. ``scatter[shifted]`` is the inverse permutation
+    (back to the map, rolled back, branches side by side as ``proj`` wants them). ``bias`` is the additive shift
+    mask in that order."""
+
+    def __init__(self, H, W, window: tuple[int, int], shift: tuple[int, int], device):
+        wh, ww = window
+        sh, sw = shift
+        self.window = window
+        self.gather, self.scatter = [], []
+        for shifted in (False, True):
+            s_h, s_v = ((sh, sw), (sw, sh)) if shifted else ((0, 0), (0, 0))
+            pos_h, lab_h = window_grid(H, W, (wh, ww), s_h, device)
+            pos_v, lab_v = window_grid(H, W, (ww, wh), s_v, device, transposed=True)
+            rows = torch.stack([pos_h * 2, pos_v * 2 + 1], dim=1)  # (nW, 2, N): source row (token, branch)
+            self.gather.append(rows.reshape(-1))
+            self.scatter.append(self._inverse(H, W, window, s_h, s_v, device))
+            if shifted:
+                self._bias = region_bias(torch.stack([lab_h, lab_v], dim=1)).flatten(0, 1).unsqueeze(1)
+        self._biases: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def _inverse(H, W, window, s_h, s_v, device) -> torch.Tensor:
+        """For each (pixel, branch) of the map, its row in the gathered (window, branch, token) order."""
+        (wh, ww), N = window, window[0] * window[1]
+        y = torch.arange(H, device=device)[:, None]
+        x = torch.arange(W, device=device)[None, :]
+        out = []
+        for br, (a, b), (sa, sb) in ((0, (wh, ww), s_h), (1, (ww, wh), s_v)):
+            i, j = _wrap(y - sa, H), _wrap(x - sb, W)  # position in the rolled map
+            win = (i // a) * (W // b) + j // b
+            tok = (i % a) * b + j % b if br == 0 else (j % b) * a + i % a  # vertical: column-major
+            out.append((win * 2 + br) * N + tok)
+        return torch.stack(out, dim=-1).reshape(-1)  # (H * W * 2,), pixel-major, branch-minor
+
+    def bias(self, batch, dtype: torch.dtype) -> torch.Tensor:
+        """Shift bias (batch * nW * 2, 1, N, N) (broadcast over heads), cached per batch size and dtype."""
+        if exporting():  # ``batch`` may be a traced size: no Python test on it
+            b = self._bias.to(dtype)
+            return b.unsqueeze(0).expand(batch, *b.shape).reshape(-1, *b.shape[1:])
+        key = (batch, dtype)
+        if key not in self._biases:
+            b = self._bias.to(dtype)
+            if batch > 1:
+                b = b.unsqueeze(0).expand(batch, *b.shape).reshape(-1, *b.shape[1:])
+            self._biases = {key: b}  # one batch size at a time (training and tiling keep theirs)
+        return self._biases[key]
+
+
+class LayoutCache:
+    """:class:`WindowLayout` per (H, W, device), like :class:`MaskCache`; built fresh (with tensor ops on the traced
+    shape) when tracing or exporting."""
+
+    def __init__(self, window: tuple[int, int], shift: tuple[int, int], keep: int = 4):
+        self.window, self.shift, self.keep = window, shift, keep
+        self._cache: dict[tuple, WindowLayout] = {}
+
+    def __call__(self, H, W, device) -> WindowLayout:
+        if exporting():
+            return WindowLayout(H, W, self.window, self.shift, device)
+        key = (int(H), int(W), str(device))
+        hit = self._cache.pop(key, None) or WindowLayout(H, W, self.window, self.shift, device)
+        self._cache[key] = hit
+        while len(self._cache) > self.keep:
+            self._cache.pop(next(iter(self._cache)))
+        return hit
+
+
+class _Permute(torch.autograd.Function):
+    """``x.index_select(1, index)`` for a permutation ``index`` whose inverse is known: the backward pass is
+    another gather instead of a scatter-add into zeros."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse, index)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, index = ctx.saved_tensors
+        return _Permute.apply(grad, inverse, index), None, None
+
+
+def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    if x.requires_grad and torch.is_grad_enabled() and not exporting():
+        return _Permute.apply(x, index, inverse)
+    return x.index_select(1, index)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shifted crossed local attention with LePE
 # ---------------------------------------------------------------------------------------------------------------
 
 class LePEAttention(nn.Module):
     """Attention of one branch inside (wh x ww) windows. Positions come from LePE: a depthwise 3x3 conv on V,
-    applied inside each window (zero padding at window borders) and added to the attention output."""
+    applied inside each window (zero padding at window borders) and added to the attention output.
+
+    ``forward`` is the reference formulation; the fast path (:meth:`EDTBlock.attention`) runs both branches at
+    once with the same parameters."""
 
     def __init__(self, dim: int, heads: int, window: tuple[int, int]):
         super().__init__()
@@ -207,20 +389,16 @@ class LePEAttention(nn.Module):
         wh, ww = self.window
         n, hd, d = wh * ww, self.heads, self.head_dim
         win = window_partition(qkv, wh, ww)  # (B*nW, N, 3, c)
-        win = win.view(-1, n, 3, hd, d).permute(2, 0, 3, 1, 4)  # (3, B*nW, heads, N, d)
-        q, k, v = win.unbind(0)
+        q, k, v = win.view(-1, n, 3, hd, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, d) each
         bw = q.shape[0]
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
+        if mask is not None:  # (nW, N, N), the same for every image of the batch
+            nw = mask.shape[0]
+            attn = (attn.view(bw // nw, nw, hd, n, n) + mask.to(attn.dtype)[None, :, None]).view(bw, hd, n, n)
+        out = attn.softmax(dim=-1) @ v
         # LePE on V inside each window; channel index is head * d + j, as in the official layout.
         lepe = self.lepe(v.transpose(-1, -2).reshape(bw, c, wh, ww)).view(bw, hd, d, n).transpose(-1, -2)
-        if mask is not None:  # (nW, N, N) -> (B*nW, 1, N, N); 4-D keeps SDPA on its fused kernels
-            nw = mask.shape[0]
-            mask = mask.to(q.dtype).unsqueeze(0).expand(bw // nw, nw, n, n).reshape(bw, 1, n, n)
-        pad = -d % 8 if q.is_cuda else 0
-        if pad:  # fused GPU kernels need head_dim % 8 == 0 (EDT has 5, 10, 15): zero columns change nothing
-            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        out = (out[..., :d] if pad else out) + lepe
-        out = out.transpose(1, 2).reshape(bw, n, c)
+        out = (out + lepe).transpose(1, 2).reshape(bw, n, c)
         return window_reverse(out, wh, ww, B, H, W)
 
 
@@ -258,7 +436,8 @@ class DropPath(nn.Module):
 class EDTBlock(nn.Module):
     """Pre-norm transformer block: half the channels attend in horizontal windows, half in vertical ones;
     odd blocks shift both. The official mask buffers (``attn_mask_h/v``) are not kept here: masks come from the
-    model's :class:`MaskCache` (see ``checkpoint.py`` for reading and writing the official buffers)."""
+    model's :class:`MaskCache` / :class:`LayoutCache` (see ``checkpoint.py`` for reading and writing the official
+    buffers)."""
 
     def __init__(self, dim, heads, window, shift, mlp_ratio, drop_path, shifted: bool):
         super().__init__()
@@ -274,8 +453,9 @@ class EDTBlock(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.drop_path = DropPath(drop_path)
+        self._perms: dict[tuple, torch.Tensor] = {}
 
-    def attention(self, x: torch.Tensor, masks) -> torch.Tensor:
+    def attention_reference(self, x: torch.Tensor, masks) -> torch.Tensor:
         B, H, W, C = x.shape
         half = C // 2
         qkv = self.qkv(x).view(B, H, W, 3, C)  # [q | k | v]
@@ -290,9 +470,51 @@ class EDTBlock(nn.Module):
                 outs.append(branch(part, None))
         return self.proj(torch.cat(outs, dim=-1))
 
-    def forward(self, x: torch.Tensor, masks) -> torch.Tensor:
-        """x: (B, H, W, C)."""
-        x = x + self.drop_path(self.attention(self.norm1(x), masks))
+    def qkv_weight(self, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``qkv``'s weight and bias with output rows in the fast path's per-token order (branch, q/k/v, head,
+        dim) and each head's dim zero-padded to ``pad``: the attention inputs come out of the projection ready."""
+        w, b = self.qkv.weight, self.qkv.bias
+        C, heads, d = w.shape[1], self.attns[0].heads, self.attns[0].head_dim
+        key = (pad, str(w.device))
+        if key not in self._perms:
+            self._perms[key] = torch.tensor(
+                [t * C + br * (C // 2) + h * d + j if j < d else 3 * C
+                 for br in range(2) for t in range(3) for h in range(heads) for j in range(pad)], device=w.device)
+        if pad != d:  # row 3C is zeros
+            w, b = torch.cat([w, w.new_zeros(1, C)]), torch.cat([b, b.new_zeros(1)])
+        return w.index_select(0, self._perms[key]), b.index_select(0, self._perms[key])
+
+    def attention_fast(self, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+        """Both branches in one pass: one gather from the (rolled) map to windows, one attention call over the
+        windows of both branches, one grouped LePE conv, one gather back. Same arithmetic as the reference."""
+        B, H, W, C = x.shape
+        a = self.attns[0]
+        heads, d, half = a.heads, a.head_dim, C // 2
+        (wh, ww), n = layout.window, layout.window[0] * layout.window[1]
+        dp = head_pad(x.device, d)
+        qkv = F.linear(x, *self.qkv_weight(dp))  # (B, H, W, [branch, q/k/v, head, dp])
+        s = int(self.shifted)
+        rows = permute_rows(qkv.reshape(B, H * W * 2, 3 * heads * dp), layout.gather[s], layout.scatter[s])
+        q, k, v = rows.view(-1, n, 3, heads, dp).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW*2, heads, N, dp)
+        mask = layout.bias(B, q.dtype) if self.shifted else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scale).transpose(1, 2)
+        # LePE of both branches as one grouped conv over windows seen as wh x ww images (the vertical branch's
+        # windows are transposed, so its kernel is too)
+        bw = q.shape[0] // 2
+        img = v[..., :d].reshape(bw, 2, heads, n, d).permute(0, 1, 2, 4, 3).reshape(bw, C, wh, ww)
+        w_l = torch.cat([a.lepe.weight, self.attns[1].lepe.weight.transpose(-1, -2)])
+        b_l = torch.cat([a.lepe.bias, self.attns[1].lepe.bias])
+        lepe = F.conv2d(img, w_l, b_l, padding=1, groups=C).view(2 * bw, heads, d, n).permute(0, 3, 1, 2)
+        out = (out[..., :d] + lepe).reshape(B, -1, half)  # (B, nW*2*N, half)
+        out = permute_rows(out, layout.scatter[s], layout.gather[s])  # (B, H*W*2, half): [horizontal | vertical]
+        return self.proj(out.view(B, H, W, C))
+
+    def forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        """x: (B, H, W, C); ``plan``: a :class:`WindowLayout` (fast path) or the (horizontal, vertical) shift
+        masks (reference path)."""
+        y = self.norm1(x)
+        y = self.attention_reference(y, plan) if isinstance(plan, tuple) else self.attention_fast(y, plan)
+        x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -301,9 +523,9 @@ class ResidualGroup(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x, masks):
+    def forward(self, x, plan):
         for blk in self.blocks:
-            x = blk(x, masks)
+            x = blk(x, plan)
         return x
 
 
@@ -314,8 +536,8 @@ class Stage(nn.Module):
         super().__init__()
         self.residual_group = ResidualGroup(blocks)
 
-    def forward(self, x, masks):
-        return self.residual_group(x, masks) + x
+    def forward(self, x, plan):
+        return self.residual_group(x, plan) + x
 
 
 class PatchEmbedNorm(nn.Module):
@@ -345,6 +567,7 @@ class Body(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.conv_after_body = nn.Conv2d(dim, dim, 3, padding=1)
         self.masks = MaskCache(cfg.window_size, cfg.shift_size)
+        self.layouts = LayoutCache(cfg.window_size, cfg.shift_size)
         self.apply(self._init)
 
     @staticmethod
@@ -356,12 +579,23 @@ class Body(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def plan(self, H, W, device):
+        """What the blocks need for this map size: a :class:`WindowLayout` (fast path) or the two shift masks
+        (reference path), from the cache, or from tensor ops on the traced shape when tracing or exporting."""
+        if _path[0] == "fast":
+            return self.layouts(H, W, device)
+        if exporting():
+            (wh, ww), (sh, sw) = self.masks.window, self.masks.shift
+            return (traced_shift_mask(H, W, (wh, ww), (sh, sw), device),
+                    traced_shift_mask(H, W, (ww, wh), (sw, sh), device))
+        return self.masks(H, W, device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        masks = self.masks(H, W, x.device)
+        H, W = x.shape[-2:]
         t = self.patch_embed(x.permute(0, 2, 3, 1))  # (B, H, W, C)
+        plan = self.plan(H, W, x.device)
         for stage in self.layers:
-            t = stage(t, masks)
+            t = stage(t, plan)
         t = self.norm(t).permute(0, 3, 1, 2)
         return self.conv_after_body(t) + x
 

@@ -1,0 +1,128 @@
+"""Where the time of one EDT forward pass goes: torch.profiler's operator table, grouped into kinds of work.
+
+    python benchmarks/profile_model.py                              # EDT-B SR x2, 72x72, CPU, 2 threads
+    python benchmarks/profile_model.py --size T --input 128         # EDT-T SR x2 on 128x128 (a 256x256 output)
+    python benchmarks/profile_model.py --mode reference             # the plain reference formulation
+    python benchmarks/profile_model.py --device cuda --input 240x360 --precision bf16
+
+Self time per operator (CPU time on the CPU, CUDA kernel time on a GPU), averaged over ``--repeats`` passes
+after one warm-up (inputs are mirror-padded to the size multiple as in ``edtir.restore``), printed as the top
+operators and as a share per kind (matrix products, attention, softmax, copies, convolutions, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from edtir.inference import forward_padded
+from edtir.models.edt import attention_mode, build_model
+
+#: operator name fragment -> kind of work; first match wins (order matters: "addmm" before "mm")
+KINDS = [
+    ("scaled_dot_product", "attention (fused SDPA)"),
+    ("flash_attention", "attention (fused SDPA)"),
+    ("efficient_attention", "attention (fused SDPA)"),
+    ("softmax", "softmax"),
+    ("addmm", "matrix products"),
+    ("bmm", "matrix products"),
+    ("baddbmm", "matrix products"),
+    ("matmul", "matrix products"),
+    ("aten::mm", "matrix products"),
+    ("linear", "matrix products"),
+    ("gemm", "matrix products"),
+    ("conv", "convolutions"),
+    ("layer_norm", "layer norm"),
+    ("gelu", "activations"),
+    ("leaky_relu", "activations"),
+    ("roll", "copies and layout"),
+    ("copy_", "copies and layout"),
+    ("clone", "copies and layout"),
+    ("contiguous", "copies and layout"),
+    ("cat", "copies and layout"),
+    ("index", "copies and layout"),
+    ("pad", "copies and layout"),
+    ("pixel_shuffle", "copies and layout"),
+    ("add", "elementwise (add, mul, ...)"),
+    ("mul", "elementwise (add, mul, ...)"),
+    ("sub", "elementwise (add, mul, ...)"),
+    ("div", "elementwise (add, mul, ...)"),
+    ("where", "elementwise (add, mul, ...)"),
+    ("masked_fill", "elementwise (add, mul, ...)"),
+    ("upsample", "elementwise (add, mul, ...)"),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for frag, kind in KINDS:
+        if frag in low:
+            return kind
+    return "other"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="B", help="EDT size T, S, B or L (default B)")
+    ap.add_argument("--task", default="sr-x2")
+    ap.add_argument("--input", default="72", help="input side, or HxW (default 72)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--mode", choices=("fast", "reference"), default="fast", help="attention formulation")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--top", type=int, default=15, help="operators listed (default 15)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    H, W = parse_size(args.input)
+    torch.manual_seed(0)
+    model = build_model(args.size, [args.task]).to(device).eval()
+    x = torch.rand(args.batch, 3, H, W, device=device)
+    cuda = device.type == "cuda"
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode(), amp, attention_mode(args.mode):
+        forward_padded(model, x, args.task)
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(args.repeats):
+                forward_padded(model, x, args.task)
+            if cuda:
+                torch.cuda.synchronize()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = [(e.key, getattr(e, attr) / 1e3 / args.repeats, e.count // args.repeats) for e in events]
+    rows = [r for r in rows if r[1] > 0]
+    total = sum(r[1] for r in rows)
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# EDT-{args.size} {args.task} {H}x{W} batch {args.batch}, {args.precision}, {args.mode} path; {where}; "
+          f"torch {torch.__version__}; self time per pass {total:.0f} ms (profiler on)")
+    print(f"{'operator':<48}{'ms/pass':>9}{'share':>8}{'calls':>7}")
+    for name, ms, n in sorted(rows, key=lambda r: -r[1])[: args.top]:
+        print(f"{name[:47]:<48}{ms:>9.1f}{ms / total:>8.1%}{n:>7}")
+    kinds: dict[str, float] = {}
+    for name, ms, _ in rows:
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+    print(f"\n{'kind of work':<48}{'ms/pass':>9}{'share':>8}")
+    for kind, ms in sorted(kinds.items(), key=lambda r: -r[1]):
+        print(f"{kind:<48}{ms:>9.1f}{ms / total:>8.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The fast attention path equals the plain reference formulation (fp32, <= 1e-4), forward and backward, and
+its masks and gather indices are right, cached or computed from a traced shape."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, need
+
+import edtir
+from edtir.data.io import read_image
+from edtir.models import edt
+from edtir.models.edt import LayoutCache, WindowLayout, reference_mode, shift_mask, window_partition
+
+TOL = 1e-4
+
+
+def sharpen(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights with larger q/k projections, so the attention is peaked (not near-uniform) and a wrong
+    mask, window or token order would show."""
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("qkv.weight"):
+            p.data.normal_(0, 0.25)
+        elif name.endswith("lepe.weight") or name.endswith("lepe.bias"):
+            p.data.normal_(0, 0.3)
+    return model
+
+
+def small_b(tasks=("sr-x2",), **kw):
+    """EDT-B's widths and heads (head dim 15, padded to 16 on the CPU) with one unshifted and one shifted block."""
+    return edtir.build_model("B", list(tasks), depths=(2,), drop_path=0.0, **kw)
+
+
+def small_t(tasks=("sr-x2",), **kw):
+    """EDT-T's widths and heads (head dim 5, not padded on the CPU)."""
+    return edtir.build_model("T", list(tasks), depths=(2, 2), drop_path=0.0, **kw)
+
+
+def both_paths(model, x, task=None):
+    with torch.no_grad():
+        fast = model(x, task=task)
+        with reference_mode():
+            ref = model(x, task=task)
+    return fast, ref
+
+
+@pytest.fixture(scope="module")
+def butterfly() -> torch.Tensor:
+    img = read_image(need(DATA / "Set5" / "butterfly.png"))
+    return torch.from_numpy(img).permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Masks and indices
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("H,W,window", [(48, 48, (6, 24)), (24, 72, (6, 24)), (72, 24, (24, 6)), (16, 32, (8, 8)),
+                                        (32, 48, (4, 16))])
+def test_traced_masks_equal_cached_masks(H, W, window):
+    shift = (window[0] // 2, window[1] // 2)
+    for win, sh in ((window, shift), (window[::-1], shift[::-1])):
+        cached = shift_mask(H, W, win, sh)
+        assert cached.abs().sum() > 0  # the check compares real masks
+        assert torch.equal(edt.traced_shift_mask(H, W, win, sh, "cpu"), cached)
+        assert torch.equal(edt.traced_shift_mask(torch.tensor(H), torch.tensor(W), win, sh, "cpu"), cached)
+
+
+@pytest.mark.parametrize("H,W,window", [(48, 72, (6, 24)), (16, 32, (8, 8)), (32, 16, (4, 16))])
+def test_layout_gathers_the_rolled_windows_of_both_branches(H, W, window):
+    """gather == roll + window_partition (the vertical branch transposed inside its windows); scatter is its
+    inverse; the bias is the reference masks in the same order."""
+    (wh, ww), (sh, sw) = window, (window[0] // 2, window[1] // 2)
+    layout = WindowLayout(H, W, window, (sh, sw), "cpu")
+    pos = torch.arange(H * W).view(1, H, W)
+    N = wh * ww
+    for s in (0, 1):
+        g = layout.gather[s]
+        assert torch.equal(g[layout.scatter[s]], torch.arange(2 * H * W))
+        rows = g.view(-1, 2, N)
+        assert torch.equal(rows[:, 0] % 2, torch.zeros_like(rows[:, 0])) and rows[:, 1].remainder(2).eq(1).all()
+        hor = window_partition(torch.roll(pos, (-sh * s, -sw * s), (1, 2)), wh, ww)
+        ver = window_partition(torch.roll(pos, (-sw * s, -sh * s), (1, 2)), ww, wh)
+        ver = ver.view(-1, ww, wh).transpose(1, 2).reshape(-1, N)
+        assert torch.equal(rows[:, 0] // 2, hor) and torch.equal(rows[:, 1] // 2, ver)
+    bias = layout.bias(1, torch.float32).view(-1, 2, N, N)
+    ref_v = shift_mask(H, W, (ww, wh), (sw, sh)).view(-1, ww, wh, ww, wh).permute(0, 2, 1, 4, 3).reshape(-1, N, N)
+    assert torch.equal(bias[:, 0], shift_mask(H, W, (wh, ww), (sh, sw))) and torch.equal(bias[:, 1], ref_v)
+    assert torch.equal(layout.bias(3, torch.float32), bias.flatten(0, 1).unsqueeze(1).repeat(3, 1, 1, 1))
+
+
+def test_exporting_builds_the_layout_from_the_traced_shape(monkeypatch):
+    cache = LayoutCache((6, 24), (3, 12))
+    cached = cache(48, 72, torch.device("cpu"))
+    assert cache(48, 72, torch.device("cpu")) is cached
+    monkeypatch.setattr(edt, "exporting", lambda: True)
+    fresh = cache(torch.tensor(48), torch.tensor(72), torch.device("cpu"))
+    assert fresh is not cached
+    for a, b in zip(fresh.gather + fresh.scatter, cached.gather + cached.scatter, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(fresh.bias(torch.tensor(2), torch.float32), cached.bias(2, torch.float32))
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_traced_model_serves_other_sizes(path):
+    """One trace (as an ONNX export makes) gives the eager output at other sizes and batch sizes."""
+    model = sharpen(small_t()).eval()
+    with edt.attention_mode(path), torch.no_grad():
+        traced = torch.jit.trace(model, (torch.rand(1, 3, 24, 48),), check_trace=False)
+        for shape in ((1, 3, 48, 72), (2, 3, 72, 24)):
+            x = torch.rand(shape)
+            torch.testing.assert_close(traced(x), model(x), atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fast == reference
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [small_t, small_b], ids=["EDT-T", "EDT-B-like"])
+@pytest.mark.parametrize("task", ["sr-x2", "sr-x3", "sr-x4", "denoise-25", "derain-heavy"])
+def test_fast_equals_reference_random_inputs(make, task):
+    model = sharpen(make([task])).eval()
+    m = model.size_multiple(task)
+    side = 2 * m if m < 96 else m
+    x = torch.rand(2, 3, side, m)  # batch > 1, non-square
+    fast, ref = both_paths(model, x, task)
+    assert ref.abs().max() > 0.5  # a real output, not a degenerate one
+    assert (fast - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("make", [small_t, small_b], ids=["EDT-T", "EDT-B-like"])
+def test_fast_equals_reference_on_a_real_image_with_padding(make, butterfly):
+    """An odd-sized crop of Set5 through edtir.restore (mirror padding to the size multiple, then cropping)."""
+    model = sharpen(make()).eval()
+    image = butterfly[..., 101:138, 57:110]  # 37 x 53
+    fast = edtir.restore(model, image)
+    with reference_mode():
+        ref = edtir.restore(model, image)
+    assert fast.shape == (1, 3, 74, 106)
+    assert (fast - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("window", [(24, 6), (8, 8), (4, 16)])
+def test_fast_equals_reference_other_windows(window):
+    model = sharpen(edtir.build_model("T", ["sr-x2"], depths=(2,), window_size=window)).eval()
+    m = model.size_multiple()
+    fast, ref = both_paths(model, torch.rand(1, 3, 2 * m, 3 * m))
+    assert (fast - ref).abs().max() <= TOL
+
+
+def test_reference_path_reproduces_the_official_output(official_pair):
+    """(test_models checks the default fast path on the same pair.)"""
+    sd, io = official_pair
+    model = edtir.load_model(sd)
+    with torch.no_grad(), reference_mode():
+        ref = model(torch.from_numpy(io["input"]))
+    np.testing.assert_allclose(ref.numpy(), io["output"], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make", [small_t, small_b], ids=["EDT-T", "EDT-B-like"])
+def test_gradients_equal_reference(make, butterfly):
+    """Training runs the fast path: its gradients equal the reference's, for every parameter."""
+    model = sharpen(make(["sr-x2", "denoise-15"])).train()
+    inputs = {"sr-x2": butterfly[..., :24, :48].repeat(2, 1, 1, 1), "denoise-15": torch.rand(1, 3, 96, 192)}
+    grads = {}
+    for path in ("fast", "reference"):
+        model.zero_grad()
+        with edt.attention_mode(path):
+            out = model.forward_multi(inputs)
+        sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out.values()).backward()
+        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads["reference"].items():
+        scale = g.abs().max().clamp_min(1e-3)
+        assert (grads["fast"][name] - g).abs().max() / scale <= TOL, name
+    assert grads["fast"]["body.layers.0.residual_group.blocks.1.attns.1.lepe.weight"].abs().sum() > 0
+
+
+def test_bf16_autocast_fast_close_to_reference(butterfly):
+    model = sharpen(small_b()).eval()
+    x = butterfly[..., :48, :48]
+    ref = both_paths(model, x)[1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model(x).float()
+    assert (fast - ref).abs().max() < 0.05
+
+
+def test_reference_mode_restores_the_previous_path():
+    assert edt._path[0] == "fast"
+    with reference_mode():
+        assert edt._path[0] == "reference"
+        with edt.attention_mode("fast"):
+            assert edt._path[0] == "fast"
+        assert edt._path[0] == "reference"
+    assert edt._path[0] == "fast"
+    with pytest.raises(ValueError, match="unknown attention path"):
+        with edt.attention_mode("turbo"):
+            pass
