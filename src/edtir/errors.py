@@ -23,3 +23,21 @@ class ImageError(EdtirError):
 
 class ConfigError(UsageError):
     """A bad key or value in a YAML config or a key=value override."""
+
+
+class OutOfMemory(EdtirError):
+    """Out of memory even after the inference engine fell back to its smallest tile."""
+
+
+class TrainingStopped(EdtirError):
+    """Training stopped before its last step (a non-finite loss); the last good checkpoint is kept."""
+
+
+class Interrupted(EdtirError):
+    """SIGINT or SIGTERM: the work was stopped cleanly (training saved a checkpoint). Exit 128 + signal number,
+    as a shell reports a process killed by that signal: 130 for SIGINT, 143 for SIGTERM."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)

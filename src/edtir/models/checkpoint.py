@@ -15,6 +15,7 @@ import math
 import os
 import re
 import struct
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -105,14 +106,25 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raise CheckpointError(f"{path}: cannot read ({hint}: {str(e).splitlines()[0]})") from None
         return _unwrap(sd, str(path)), meta
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zips and pickles fail in many ways (KeyError, EOFError, ...)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in msg or "Unsupported global" in msg:
-            msg = "it contains code objects, which are never loaded (only plain tensors are)"
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated or not a checkpoint: "
-                              f"{msg[:160]})") from None
+        raise CheckpointError(f"{path}: {_load_failure(e)}") from None
     return _unwrap(obj, str(path)), {}
+
+
+def _load_failure(e: Exception) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``: a refused pickle (one that would import a
+    callable or use an opcode outside plain tensors and containers) or a damaged file."""
+    text = str(e)
+    if "weights only" in text.lower() or "weights_only" in text or "Unsupported global" in text:
+        m = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
+        what = f"loading it would call {m.group(1)}" if m else "it holds more than plain tensors"
+        return (f"refused: {what}; checkpoints are loaded without running code (only tensors and plain "
+                "containers are accepted)")
+    msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"cannot read as a PyTorch checkpoint (truncated or not a checkpoint: {msg[:160]})"
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -174,6 +186,8 @@ def detect_config(sd: dict[str, torch.Tensor], *, window_size=None, heads=None) 
         downsample = not other or f"head_{TASK_KEYS[other[0]]}.1.conv_down.weight" in sd
     except KeyError as e:
         raise CheckpointError(f"checkpoint lacks {e.args[0]!r}: not a complete EDT state dict") from None
+    except (IndexError, TypeError, ValueError, AttributeError) as e:  # e.g. a 0-d tensor where a weight goes
+        raise CheckpointError(f"checkpoint tensors have shapes no EDT has ({e})") from None
     size = None
     for name, (snf, sdim, sdepths, sheads, _) in SIZES.items():
         if (snf, sdim, tuple(sdepths)) == (nf, dim, tuple(depths)):
