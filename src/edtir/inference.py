@@ -156,7 +156,7 @@ def bytes_per_pixel(model, task: str) -> float:
     block) plus ``8 * window area`` (the two cached shift masks); one token per input pixel for SR, one per 16
     for the down-sampling denoise/derain heads, which add ``4 * 16 * num_feat`` at full resolution; the tail
     adds ``4 * (2 * num_feat + 6) * scale**2``. Calibrated on the CPU for EDT-T/S/B, SR x2-x4 and denoising
-    (``python benchmarks/inference_memory.py``: the estimate is 15-35 % above the measured peak). A model may
+    (``python benchmarks/inference_memory.py``: the estimate was 9-46 % above the measured peak). A model may
     give its own figure with a ``memory_per_pixel(task)`` method; models without a config (the baselines) are
     taken as a few image-sized float32 copies."""
     own = getattr(model, "memory_per_pixel", None)

@@ -87,8 +87,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint")
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:  # permission denied, an unreadable disk
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     if len(head) < 9:
         raise CheckpointError(f"{path}: file is empty or truncated")
     torch_file = head[:2] == b"PK" or head[:1] == b"\x80"  # zip (torch.save) or a legacy pickle
@@ -120,7 +123,10 @@ def _load_failure(e: Exception) -> str:
     text = str(e)
     if "weights only" in text.lower() or "weights_only" in text or "Unsupported global" in text:
         m = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
-        what = f"loading it would call {m.group(1)}" if m else "it holds more than plain tensors"
+        op = re.search(r"Unsupported operand (\d+)", text)
+        what = (f"loading it would call {m.group(1)}" if m else
+                f"pickle opcode {op.group(1)} is not one of plain tensors (a damaged file, or one that would run "
+                "code)" if op else "it holds more than plain tensors")
         return (f"refused: {what}; checkpoints are loaded without running code (only tensors and plain "
                 "containers are accepted)")
     msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
