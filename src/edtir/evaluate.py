@@ -93,6 +93,20 @@ def check_folder(folder: str | Path, task: str) -> list[Path]:
     return files
 
 
+#: SSIM's Gaussian window: the scored area must be at least this many pixels on each side
+SSIM_WINDOW = 11
+
+
+def check_size(path: Path, gt: np.ndarray, p: Protocol) -> None:
+    """ImageError for a ground truth too small to score under ``p``: after the modcrop and the border crop,
+    SSIM needs its 11x11 window."""
+    h, w = gt.shape[:2]
+    need = -(-(SSIM_WINDOW + 2 * p.crop_border) // p.scale) * p.scale
+    if min(h, w) < need:
+        raise ImageError(f"{path}: {w}x{h} is too small to score for {p.task} (at least {need}x{need}: SSIM's "
+                         f"{SSIM_WINDOW}x{SSIM_WINDOW} window after cropping {p.crop_border} pixels per side)")
+
+
 @dataclass
 class Sample:
     name: str
@@ -100,7 +114,8 @@ class Sample:
     gt: np.ndarray       # HWC uint8
 
 
-def samples(task: str, folder: str | Path, max_images: int | None = None) -> Iterator[Sample | ImageError]:
+def samples(task: str, folder: str | Path, max_images: int | None = None, max_pixels: int | None = None
+            ) -> Iterator[Sample | ImageError]:
     """Inputs and ground truths of a data set under ``task``'s protocol, in sorted file order. An image that
     cannot be read is yielded as its ImageError (the runner reports it and goes on; it draws no noise)."""
     p = protocol(task)
@@ -109,11 +124,10 @@ def samples(task: str, folder: str | Path, max_images: int | None = None) -> Ite
     rng = np.random.RandomState(NOISE_SEED)
     for f in files:
         try:
-            gt = read_image(f)
+            gt = read_image(f, limit=max_pixels)
+            check_size(f, gt, p)
             if p.kind == "sr":
                 gt = modcrop(gt, p.scale)
-                if min(gt.shape[:2]) < p.scale:
-                    raise ImageError(f"{f}: too small for x{p.scale}")
                 x = imresize(gt, 1.0 / p.scale).astype(np.float32) / 255.0
             elif p.kind == "denoise":
                 x = (add_noise(gt, p.sigma, rng) / 255.0).astype(np.float32)
@@ -121,7 +135,7 @@ def samples(task: str, folder: str | Path, max_images: int | None = None) -> Ite
                 rainy_path = folder / "rainy" / f.name
                 if not rainy_path.exists():
                     raise ImageError(f"{rainy_path}: no such file (clean/{f.name} has no rainy pair)")
-                rainy = read_image(rainy_path)
+                rainy = read_image(rainy_path, limit=max_pixels)
                 if rainy.shape != gt.shape:
                     raise ImageError(f"{rainy_path}: size {rainy.shape[1]}x{rainy.shape[0]} differs from "
                                      f"clean/{f.name} ({gt.shape[1]}x{gt.shape[0]})")
@@ -162,7 +176,7 @@ def model_name(model) -> str:
 def evaluate_folder(model, task: str, folder: str | Path, *, tile: int | None = None, tile_overlap: int = 32,
                     tile_batch: int = 1, self_ensemble: bool = False, device=None, precision: str = "fp32",
                     save_dir: str | Path | None = None, progress: bool = True, name: str | None = None,
-                    max_images: int | None = None) -> dict:
+                    max_images: int | None = None, max_pixels: int | None = None) -> dict:
     """Evaluate ``model`` on one data folder under ``task``'s protocol.
 
     Returns ``{"task", "dataset" (folder name), "model", "psnr", "ssim" (means over scored images), "images"
@@ -170,7 +184,9 @@ def evaluate_folder(model, task: str, folder: str | Path, *, tile: int | None = 
     "message" strings for images that could not be read or scored)}``. Outputs are written to
     ``save_dir/NAME.png`` when ``save_dir`` is given; ``max_images`` scores only the first N files in sorted
     order (quick validation during training; the noise of those N is the same as in a full run). ``name`` is
-    the model name reported (default: from ``model.info``). Raises UsageError for a bad task, folder or model.
+    the model name reported (default: from ``model.info``); ``max_pixels``: the decompression-bomb limit of the
+    image reader (default ``$EDTIR_MAX_PIXELS`` or 400 megapixels). Raises UsageError for a bad task, folder or
+    model; an image that cannot be read, restored or scored is reported in "failed" and the others go on.
     """
     from tqdm import tqdm
 
@@ -183,7 +199,7 @@ def evaluate_folder(model, task: str, folder: str | Path, *, tile: int | None = 
     start = time.perf_counter()
     bar = tqdm(total=len(files), desc=f"{folder.name} {task}", unit="img", disable=not progress,
                leave=False, dynamic_ncols=True)
-    for item in samples(task, folder, max_images):
+    for item in samples(task, folder, max_images, max_pixels):
         bar.update(1)
         if isinstance(item, ImageError):
             failed.append(str(item))
@@ -199,6 +215,10 @@ def evaluate_folder(model, task: str, folder: str | Path, *, tile: int | None = 
                 write_image(Path(save_dir) / (Path(item.name).stem + ".png"), out)
         except EdtirError as e:
             failed.append(f"{folder / item.name}: {e}")
+            continue
+        except (ValueError, RuntimeError) as e:  # anything else this image alone triggers: report, go on
+            why = (str(e).strip() or type(e).__name__).splitlines()[0]
+            failed.append(f"{folder / item.name}: cannot restore or score it ({why[:200]})")
             continue
         rows.append(ImageResult(item.name, p, s, time.perf_counter() - t0))
         bar.set_postfix(psnr=f"{np.mean([r.psnr for r in rows]):.2f}")

@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import EdtirError, UsageError
 from .common import add_device_args, add_inference_args, add_model_args, check_inference_args, resolve_device
 
 
@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--save-dir", metavar="DIR", help="write outputs to DIR/<dataset>/<name>.png")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--per-image", metavar="CSV", help="write per-image PSNR/SSIM as CSV")
+    p.add_argument("--max-pixels", type=int, metavar="N", help="refuse images over N pixels before decoding them "
+                   "(default: $EDTIR_MAX_PIXELS or 400,000,000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -41,6 +43,25 @@ def check_args(args) -> None:
     if args.task not in TASKS:
         raise UsageError(f"unknown task {args.task!r}; expected one of: {' '.join(TASKS)}")
     check_inference_args(args)
+    if args.max_pixels is not None and args.max_pixels <= 0:
+        raise UsageError(f"--max-pixels must be a positive number of pixels (got {args.max_pixels})")
+
+
+def check_outputs(args) -> None:
+    """--save-dir, --json and --per-image must be writable before a model is loaded or an image scored."""
+    from ..data.io import ensure_writable_dir
+
+    places = [("--save-dir", Path(args.save_dir))] if args.save_dir else []
+    for flag, name in (("--json", args.json), ("--per-image", args.per_image)):
+        if name:
+            if Path(name).is_dir():
+                raise UsageError(f"{flag} {name}: is a folder; give a file name")
+            places.append((flag, Path(name).parent))
+    for flag, folder in places:
+        try:
+            ensure_writable_dir(folder)
+        except EdtirError as e:
+            raise EdtirError(f"{flag}: {e}") from None
 
 
 def finite_or_none(v):
@@ -60,6 +81,7 @@ def run(args) -> int:
     check_args(args)
     for folder in args.data:  # fail fast, before loading a model or scoring anything
         check_folder(folder, args.task)
+    check_outputs(args)
     device = resolve_device(args.device)
     model = model_from_args(args, task=args.task, device=device)
     if args.task not in model.tasks:
@@ -72,7 +94,8 @@ def run(args) -> int:
         save = Path(args.save_dir) / Path(folder).name if args.save_dir else None
         r = evaluate_folder(model, args.task, folder, tile=args.tile, tile_overlap=args.tile_overlap,
                             tile_batch=args.tile_batch, self_ensemble=args.self_ensemble, device=device,
-                            precision=args.precision, save_dir=save, progress=not args.no_progress, name=name)
+                            precision=args.precision, save_dir=save, progress=not args.no_progress, name=name,
+                            max_pixels=args.max_pixels)
         for msg in r["failed"]:
             print(f"edtir eval: error: {msg}", file=sys.stderr)
         failures += len(r["failed"])

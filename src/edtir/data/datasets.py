@@ -230,7 +230,10 @@ class StepSampler(Sampler):
 
 
 def _worker_init(_):
+    from ..train.signals import ignore_in_worker
+
     torch.set_num_threads(1)  # numpy does the work in workers; don't oversubscribe the cores
+    ignore_in_worker()  # Ctrl-C / SIGTERM to the process group: the trainer saves, then stops the workers
 
 
 def make_loader(dataset: TrainPatches, *, start: int, stop: int, batch: int, rank: int = 0, world: int = 1,

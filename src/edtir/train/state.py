@@ -6,19 +6,27 @@ A checkpoint is a folder ``<output>/checkpoints/step_<N>/`` with
 * ``state.pt``: what training needs to continue: raw weights, optimizer, scheduler, EMA, step, best validation
   score, and every RNG (Python, NumPy, torch CPU and CUDA, one set per rank).
 
+* ``manifest.json``: size and SHA-256 of the two files, written last.
+
 Both files are written into a hidden temporary folder, each file itself atomically (temporary name, fsync,
 ``os.replace``), and the folder is renamed into place last, so a ``step_<N>`` folder either holds a complete
-checkpoint or does not exist. ``--resume`` takes the newest complete one whose state file loads; leftovers of
-a killed write are swept away on start."""
+checkpoint or does not exist; the new checkpoint is read back and checked against its manifest before older
+ones are pruned. ``--resume`` takes the newest checkpoint that passes :func:`verify_checkpoint` (manifest
+sizes and checksums, a valid safetensors file, a state file that loads) and warns about each damaged one it
+skips; leftovers of a killed write are swept away on start."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
 import random
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +39,11 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "edtir-train-state/1"
 CKPT_RE = re.compile(r"^step_(\d{8,})$")
-MODEL_FILE, STATE_FILE = "model.safetensors", "state.pt"
+MODEL_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "manifest.json"
+MANIFEST_FORMAT = "edtir-checkpoint/1"
+#: Test hook: with EDTIR_TEST_PAUSE=checkpoint-<step> a run stops (sleeps) half-way through writing that
+#: checkpoint, after saying so on stderr, so that a test can kill it at that exact moment.
+PAUSE_ENV = "EDTIR_TEST_PAUSE"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -136,9 +148,31 @@ def sweep_partial(output: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path, step: int) -> dict:
+    return {"format": MANIFEST_FORMAT, "step": step,
+            "files": {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
+                      for name in (MODEL_FILE, STATE_FILE)}}
+
+
+def test_pause(point: str) -> None:
+    """The EDTIR_TEST_PAUSE hook (see :data:`PAUSE_ENV`); does nothing unless the variable names ``point``."""
+    if os.environ.get(PAUSE_ENV) == point:
+        print(f"{PAUSE_ENV}: paused at {point}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
 def save_checkpoint(output: Path, step: int, *, model, out_model, optimizer, scheduler, ema, rng: list,
                     best: dict | None, keep: int, metadata: dict | None = None) -> Path:
-    """Write checkpoint ``step`` (see the module docstring); prune to the newest ``keep`` (0 keeps all)."""
+    """Write checkpoint ``step`` (see the module docstring); prune to the newest ``keep`` (0 keeps all) once it
+    has been read back intact."""
     root = checkpoints_dir(output)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -146,13 +180,19 @@ def save_checkpoint(output: Path, step: int, *, model, out_model, optimizer, sch
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_weights(out_model, tmp / MODEL_FILE, metadata={"step": step, **(metadata or {})})
+    test_pause(f"checkpoint-{step}")
     state = {"format": STATE_FORMAT, "step": step, "model": _cpu(model.state_dict()),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "ema": _cpu(ema.state_dict()) if ema is not None else None, "rng": rng, "best": best}
     atomic_write_bytes(tmp / STATE_FILE, lambda p: torch.save(state, p))
+    text = json.dumps(_manifest(tmp, step), indent=1) + "\n"
+    atomic_write_bytes(tmp / MANIFEST_FILE, lambda p: Path(p).write_text(text))
     if final.exists():  # re-written after resuming from an older checkpoint
         shutil.rmtree(final)
     os.replace(tmp, final)
+    problem = verify_checkpoint(final, step, load_state=False)
+    if problem:  # the disk did not keep what was written: keep every older checkpoint
+        raise CheckpointError(f"{final}: damaged right after writing ({problem}); older checkpoints kept")
     if keep:
         for _, old in list_checkpoints(output)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -163,18 +203,64 @@ def _cpu(sd: dict) -> dict:
     return {k: v.detach().cpu() for k, v in sd.items()}
 
 
-def load_latest(output: Path) -> tuple[Path, dict] | None:
-    """(folder, state) of the newest complete checkpoint whose state file loads; None when there is none."""
-    for step, folder in reversed(list_checkpoints(output)):
+def verify_checkpoint(folder: Path, step: int, *, load_state: bool = True) -> str | None:
+    """Why checkpoint ``folder`` (of ``step``) cannot be resumed from, or None when it is intact: both files
+    present, sizes and SHA-256 as in its manifest (checkpoints written before manifests existed skip this
+    check), the weights a valid safetensors file of that step, and (``load_state``) a state file that loads
+    without running code, of the right format and step."""
+    return _check(folder, step, load_state)[0]
+
+
+def _check(folder: Path, step: int, load_state: bool) -> tuple[str | None, dict | None]:
+    missing = [n for n in (MODEL_FILE, STATE_FILE) if not (folder / n).is_file()]
+    if missing:
+        return f"{' and '.join(missing)} missing", None
+    man_path = folder / MANIFEST_FILE
+    if man_path.exists():
         try:
-            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a damaged file: fall back to the one before
-            log.warning("%s: unreadable (%s); trying an older checkpoint", folder / STATE_FILE, e)
-            continue
-        if state.get("format") != STATE_FORMAT or state.get("step") != step:
-            log.warning("%s: not an edtir training state for step %d; skipped", folder / STATE_FILE, step)
-            continue
-        return folder, state
+            man = json.loads(man_path.read_text())
+            files = man["files"]
+            if man.get("format") != MANIFEST_FORMAT or man.get("step") != step:
+                return f"{MANIFEST_FILE} is not the manifest of step {step}", None
+            for name in (MODEL_FILE, STATE_FILE):
+                size = (folder / name).stat().st_size
+                if size != files[name]["bytes"]:
+                    return f"{name} has {size:,} bytes, the manifest says {files[name]['bytes']:,} (truncated?)", None
+                if sha256(folder / name) != files[name]["sha256"]:
+                    return f"{name} does not match its SHA-256 checksum", None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"unreadable {MANIFEST_FILE} ({type(e).__name__})", None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / MODEL_FILE), framework="pt") as f:  # checks the header and the sizes
+            meta = f.metadata() or {}
+        if meta.get("step") not in (None, str(step)):
+            return f"{MODEL_FILE} is the model of step {meta.get('step')}", None
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: a damaged file either way
+        return f"{MODEL_FILE} is not a valid safetensors file ({str(e).splitlines()[0][:120]})", None
+    if not load_state:
+        return None, None
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zips and pickles fail in many ways
+        return f"{STATE_FILE} does not load ({str(e).strip().splitlines()[0][:120] if str(e).strip() else e})", None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("step") != step:
+        return f"{STATE_FILE} is not an edtir training state of step {step}", None
+    return None, state
+
+
+def load_latest(output: Path) -> tuple[Path, dict] | None:
+    """(folder, state) of the newest checkpoint that passes :func:`verify_checkpoint`; each damaged or
+    incomplete newer one is skipped with a warning. None when there is none."""
+    root = checkpoints_dir(output)
+    folders = sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+                     for m in [CKPT_RE.match(p.name)] if m and p.is_dir())
+    for step, folder in reversed(folders):
+        problem, state = _check(folder, step, load_state=True)
+        if problem is None:
+            return folder, state
+        log.warning("%s: damaged checkpoint (%s); skipped, trying an older one", folder, problem)
     return None
 
 
