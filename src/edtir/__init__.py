@@ -1,5 +1,9 @@
 """edtir: EDT image restoration. Models, official-checkpoint loading, evaluation by the field's conventions,
-inference with tiling, and training with multi-task pre-training and fine-tuning."""
+inference with tiling, training with multi-task pre-training and fine-tuning, and bundled models:
+
+    import edtir
+    out = edtir.restore("photo.png", task="sr-x4")   # the task's default bundled model; numpy out
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def __getattr__(name):
 
         return getattr(metrics, name)
     if name == "restore":
-        from .inference import restore
+        from .pipeline import restore
 
         return restore
     raise AttributeError(f"module 'edtir' has no attribute {name!r}")

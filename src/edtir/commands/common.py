@@ -7,10 +7,11 @@ import argparse
 from ..errors import UsageError
 
 
-def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--model", metavar="NAME",
-                   help="a bundled model or a built-in baseline (bicubic, identity); see `edtir info --list`")
+                   help="a bundled model, a baseline (bicubic, identity), or 'default': the task's default "
+                        "bundled model, also used when neither --model nor --weights is given (see `edtir models`)")
     g.add_argument("--weights", metavar="FILE", help="a checkpoint: edtir .safetensors or official EDT .pth")
 
 
@@ -64,8 +65,14 @@ def parse_tasks(text: str | None) -> list[str] | None:
 
 
 def model_from_args(args, task: str | None = None, device=None):
-    """The model named by --model / --weights, ready in eval mode on ``device``."""
+    """The model named by --model / --weights, or the default bundled model of ``task`` (``--model default``
+    or neither flag), ready in eval mode on ``device``. ``args.model`` is set to the name resolved, so the
+    command can report which model ran."""
     from .. import zoo
 
-    return zoo.get_model(model=getattr(args, "model", None), weights=getattr(args, "weights", None),
-                         task=task, device=device or "cpu")
+    model, weights = getattr(args, "model", None), getattr(args, "weights", None)
+    if weights is None and model in (None, "default"):
+        if task is None:
+            raise UsageError("give --task to use its default bundled model, or --model NAME / --weights FILE")
+        model = args.model = zoo.default_for(task)
+    return zoo.get_model(model=model, weights=weights, task=task, device=device or "cpu")

@@ -1,0 +1,119 @@
+"""The bundled models: registry complete and true to the files, fp16 on disk and fp32 in memory, the default sr-x2
+model's Set5 score re-measured against the registry, `edtir models`, and the tool that bundles a model."""
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+import edtir
+from edtir import zoo
+from edtir.cli import main
+from edtir.errors import CheckpointError
+
+
+def safetensors_dtypes(path) -> set[str]:
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_bundled_registry_is_complete_and_true_to_the_files():
+    reg = zoo.registry()
+    assert reg, "no bundled model"
+    assert "sr-x2" in zoo.defaults()
+    for name, e in reg.items():
+        f = zoo.HERE / e["file"]
+        assert f.exists(), name
+        assert e["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest(), f"{name}: file changed, re-measure it"
+        assert safetensors_dtypes(f) == {"F16"}, name  # bundled as fp16 ...
+        model = zoo.get_model(name)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # ... and loaded as fp32
+        assert (e["params"], tuple(e["tasks"])) == (model.info.params, model.tasks), name
+        assert e["arch"] == f"EDT-{model.info.size}"
+        assert (REPO / e["recipe"]["config"]).exists() and e["recipe"]["command"].startswith("edtir train")
+        assert isinstance(e["steps"], int) and e["steps"] > 0 and e["data"]
+        for task in e["tasks"]:  # a score for every test set of every task it does
+            sets = e["scores"][task]
+            assert list(sets) == list(zoo.test_sets(task)), (name, task)
+            assert all(10 < s["psnr"] < 60 and 0 < s["ssim"] <= 1 and s["images"] > 0 for s in sets.values())
+        assert len(e["measured"]["commands"]) == len(e["tasks"]) and e["measured"]["machine"]
+
+
+def test_default_sr_x2_model_scores_what_the_registry_says_on_set5(data_dir, tmp_path):
+    """`edtir eval` without --model runs the default sr-x2 model; Set5 must match the registry to 0.01 dB."""
+    name = zoo.default_for("sr-x2")
+    want = zoo.registry()[name]["scores"]["sr-x2"]["Set5"]
+    out = tmp_path / "r.json"
+    assert main(["eval", "--task", "sr-x2", "--data", str(data_dir / "Set5"), "--json", str(out),
+                 "--no-progress", "--device", "cpu"]) == 0
+    got = json.loads(out.read_text())["results"][0]
+    assert got["model"] == name and got["images"] == 5
+    assert abs(got["psnr"] - want["psnr"]) <= 0.01
+    assert abs(got["ssim"] - want["ssim"]) <= 0.001
+    assert got["psnr"] > 33.68 + 0.05  # above bicubic (33.68 with this protocol and copy of Set5)
+
+
+def test_models_command(capsys):
+    reg = zoo.registry()
+    name = zoo.default_for("sr-x2")
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert name in out and "bicubic" in out and "identity" in out
+    assert f"Set5 {reg[name]['scores']['sr-x2']['Set5']['psnr']:.2f}/" in out
+    assert main(["models", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["defaults"]["sr-x2"] == name and doc["models"][name]["file_bytes"] > 0
+    assert main(["models", name]) == 0
+    out = capsys.readouterr().out
+    assert reg[name]["recipe"]["command"] in out and "edtir eval --task sr-x2" in out
+    assert main(["models", "nosuch"]) == 2
+
+
+def test_registry_validation_names_the_problem():
+    from edtir.zoo import validate
+
+    good = {"file": "a.safetensors", "arch": "EDT-T", "params": 1, "tasks": ["sr-x2", "sr-x4"],
+            "default_for": ["sr-x2"], "description": "", "data": "", "steps": 1, "recipe": {}, "scores": {}}
+    validate({"a": good, "b": {**good, "default_for": ["sr-x4"]}})
+    with pytest.raises(CheckpointError, match="two defaults for 'sr-x2'"):
+        validate({"a": good, "b": good})
+    with pytest.raises(CheckpointError, match="lacks scores"):
+        validate({"a": {k: v for k, v in good.items() if k != "scores"}})
+    with pytest.raises(CheckpointError, match="unknown task 'sr-x8'"):
+        validate({"a": {**good, "tasks": ["sr-x8"]}})
+    with pytest.raises(CheckpointError, match="default for 'denoise-25' but does not do it"):
+        validate({"a": {**good, "default_for": ["denoise-25"]}})
+
+
+def test_zoo_folder_from_the_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDTIR_ZOO", str(tmp_path))
+    assert zoo.registry() == {} and zoo.default_model() is None
+    (tmp_path / "registry.json").write_text("{not json")
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read the model registry" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bundle_tool_writes_fp16_and_a_valid_entry(tmp_path):
+    from edtir.zoo import bundle
+
+    torch.manual_seed(0)
+    model = edtir.build_model("T", ["sr-x3", "denoise-15"], depths=(2,))
+    edtir.save_model(model, tmp_path / "trained.safetensors")
+    zoo_dir = tmp_path / "zoo"
+    zoo_dir.mkdir()
+    assert bundle.main([str(tmp_path / "trained.safetensors"), "--name", "m", "--default-for", "sr-x3",
+                        "--steps", "10", "--config", "configs/zoo-edt-t-multi.yaml", "--command", "edtir train x",
+                        "--data", "291", "--description", "test", "--zoo", str(zoo_dir), "--skip-measure"]) == 0
+    entry = json.loads((zoo_dir / "registry.json").read_text())["m"]
+    assert entry["tasks"] == ["sr-x3", "denoise-15"] and entry["default_for"] == ["sr-x3"]
+    assert safetensors_dtypes(zoo_dir / "m.safetensors") == {"F16"}
+    back = edtir.load_model(zoo_dir / "m.safetensors")
+    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
+        np.testing.assert_array_equal(a.half().float().numpy(), b.numpy(), err_msg=k)
