@@ -221,21 +221,21 @@ def read_picture(path: str | os.PathLike, *, limit: int | None = None) -> Pictur
     hint = f"raise the limit with {MAX_PIXELS_ENV} or --max-pixels"
     Image.MAX_IMAGE_PIXELS = limit  # PIL's own check (at twice this) guards formats that decode on open
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # PIL's notes on damaged tags: the pixels decode or fail below
+            warnings.simplefilter("ignore")
             im = Image.open(path)
-        with im:
-            w, h = im.size
-            if w * h > limit:
-                raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {limit:,} ({hint})")
-            if w == 0 or h == 0:
-                raise ImageError(f"{name}: empty image ({w}x{h})")
-            try:
-                orientation = int(im.getexif().get(0x0112, 1))
-            except Exception:  # a broken EXIF block is no reason to refuse the pixels
-                orientation = 1
-            im.load()
-            arr = decode_pil(im, name, path)
+            with im:
+                w, h = im.size
+                if w * h > limit:
+                    raise ImageError(f"{name}: {w}x{h} is {w * h:,} pixels, over the limit of {limit:,} ({hint})")
+                if w == 0 or h == 0:
+                    raise ImageError(f"{name}: empty image ({w}x{h})")
+                try:
+                    orientation = int(im.getexif().get(0x0112, 1))
+                except Exception:  # a broken EXIF block is no reason to refuse the pixels
+                    orientation = 1
+                im.load()
+                arr = decode_pil(im, name, path)
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (or an unsupported format)") from None
     except Image.DecompressionBombError:
