@@ -194,3 +194,20 @@ def test_reference_mode_restores_the_previous_path():
     with pytest.raises(ValueError, match="unknown attention path"):
         with edt.attention_mode("turbo"):
             pass
+
+
+def test_layouts_cached_under_inference_mode_serve_training():
+    """Masks, indices and weight orders built inside torch.inference_mode are ordinary tensors: a training step
+    after an inference pass (validation, then training) must work."""
+    model = small_t()
+    x = torch.rand(1, 3, 24, 48)
+    with torch.inference_mode():
+        model.eval()(x)
+        with reference_mode():
+            model(x)
+    model.train()
+    for path in ("fast", "reference"):
+        with edt.attention_mode(path):
+            model.zero_grad()
+            model(x).mean().backward()
+        assert model.body.layers[0].residual_group.blocks[1].qkv.weight.grad.abs().sum() > 0
