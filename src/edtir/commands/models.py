@@ -70,8 +70,10 @@ def run(args) -> int:
         print("  none")
     print(f"  {'name':<22}{'arch':<7}{'params':>11}{'file':>10}  {'tasks':<30}default for")
     for name, e in reg.items():
-        print(f"  {name:<22}{e['arch']:<7}{e['params']:>11,}{_mb(e, folder):>10}  {','.join(e['tasks']):<30}"
-              f"{','.join(e['default_for']) or '-'}")
+        default = ("all its tasks" if e["default_for"] and set(e["default_for"]) == set(e["tasks"])
+                   else ",".join(e["default_for"]) or "-")
+        print(f"  {name:<22}{e['arch']:<7}{e['params']:>11,}{_mb(e, folder):>10}  {','.join(e['tasks']):<30} "
+              f"{default}")
         print("\n".join(_scores(e)))
     print("baselines (no weights):")
     for name, desc in BASELINES.items():
