@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 import platform
 from dataclasses import dataclass, field, replace
 
@@ -164,8 +165,9 @@ def exporting() -> bool:
     return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or (is_exporting and is_exporting()))
 
 
-#: Set to False before the first forward pass on the CPU to leave the C allocator's settings alone.
-TUNE_CPU_ALLOCATOR = True
+#: Set to False before the first forward pass on the CPU (or EDTIR_TUNE_ALLOCATOR=0 in the environment) to leave
+#: the C allocator's settings alone: the tuning is process-wide.
+TUNE_CPU_ALLOCATOR = os.environ.get("EDTIR_TUNE_ALLOCATOR", "1") != "0"
 _allocator = {"tuned": None}
 
 
