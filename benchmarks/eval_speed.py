@@ -7,7 +7,7 @@
 Models are fresh (random weights): the point is time and memory, and that tiling leaves the output unchanged
 (the PSNR column, and the max difference to the untiled output in grey levels). Each (model, tile) row runs in its
 own subprocess so peak memory is its own: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the rise of the peak
-resident set size (``ru_maxrss``) over the resident size after set-up (model built, images loaded, one warm-up).
+resident set size (VmHWM) over the resident size after set-up (model built, images loaded, one warm-up).
 """
 
 from __future__ import annotations
@@ -15,31 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from memory_stats import current_rss_mib, peak_rss_mib
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 #: Two images keep the CPU run to a few minutes (EDT-B needs about 0.3 ms per LR pixel on 2 cores); CUDA takes four.
 CPU_IMAGES = "Set14/comic.png,B100/101087.png"
 CUDA_IMAGES = "Set14/comic.png,Set14/foreman.png,B100/101085.png,B100/101087.png"
-
-
-def current_rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mib()
-
-
-def peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def worker(args) -> dict:

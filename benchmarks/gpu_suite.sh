@@ -3,6 +3,7 @@
 # repo, or a copy of the parts used here under .carry/shared (Set5, Set14, T91, part of BSD200, the official
 # output reference). Writes logs and the trained demo model to $OUT (default runs/gpu-suite).
 #   bash benchmarks/gpu_suite.sh [TRAIN_SECONDS]
+#   STEPS="device cuda perf" bash benchmarks/gpu_suite.sh      # the performance issue only (at most ~11 minutes)
 set -u
 OUT=${OUT:-runs/gpu-suite}
 TRAIN_SECONDS=${1:-300}
@@ -10,7 +11,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ ! -e ../shared ] && [ -d .carry/shared ]; then ln -s "$PWD/.carry/shared" ../shared; fi
 PY=${PY:-python3}
-STEPS=${STEPS:-"device cuda forward train_speed eval_speed zoo"}  # a subset reruns only those
+STEPS=${STEPS:-"device cuda perf forward train_speed eval_speed zoo"}  # a subset reruns only those
 want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 step() { echo; echo "=== $* ($(date +%T))"; }
 
@@ -21,6 +22,12 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_na
 want cuda && { step CUDA tests
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_models.py -k "cuda or official_output" 2>&1 \
   | tail -5 | tee "$OUT/pytest.txt"; }
+
+want perf && { step "performance suite: workloads x reference/fast x fp32/bf16, and the GPU profile"
+timeout 420 $PY benchmarks/perf_suite.py --device cuda 2>&1 | tee "$OUT/perf_suite.txt"
+for mode in fast reference; do
+  timeout 60 $PY benchmarks/profile_model.py --device cuda --input 240x360 --precision bf16 --mode $mode --top 12 \
+    2>&1 | grep -v USDT | tee -a "$OUT/profile_gpu.txt"; done; }
 
 want forward && { step forward speed
 timeout 90 $PY benchmarks/model_speed.py --device cuda --sizes T,B,L --input 240 --precision fp32,bf16 --repeats 10 \

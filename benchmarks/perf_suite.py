@@ -17,7 +17,7 @@ Workloads (random weights: speed does not depend on them; set5 uses the bundled 
 
 Timing: paths are interleaved (reference, fast, reference, fast, ...) in one process, so a busy machine slows both
 alike; median and min of ``--repeats`` runs after a warm-up. Peak memory: CUDA ``max_memory_allocated``; on the
-CPU the peak resident set of a fresh process that runs the cell once (``ru_maxrss``, torch included). TFLOP/s
+CPU the peak resident set of a fresh process that runs the cell once (VmHWM, torch included). TFLOP/s
 count the model's arithmetic (``edtir.models.profile.macs_per_pixel``: 2 FLOP per MAC, on the nominal image for
 tiling, 3x the forward pass for training). Floors: CPU 270 GFLOP/s for 2 cores (a plain matrix product on the
 development VM; scaled by threads/2), GPU bf16 788 TFLOP/s, GPU fp32 (TF32 off) 60 TFLOP/s.
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory_stats import peak_rss_mib
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[0].parent / "shared" / "data"
@@ -57,6 +57,21 @@ WORKLOADS = {
 QUICK = {"b-train": dict(train=(2, 24)), "b-4k": dict(hw=(60, 100), tile=48), "set5": dict(crop=96)}
 #: tile (LR side) and tiles per forward pass for the 4K workload
 TILING = {"cuda": (240, 8), "cpu": (120, 1)}
+
+
+def matmul_peak(device, dtype=torch.float32) -> float:
+    """FLOP/s of a large square matrix product on this device (the best of 3): what a floor can assume here."""
+    n = 4096 if device.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def sync(device):
@@ -163,7 +178,7 @@ def child_cell(args) -> dict:
         t0 = time.perf_counter()
         run()
         seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": seconds, "peak_rss_mib": peak_rss_mib()}
 
 
 def child_rss(name, path, precision, args) -> dict:
@@ -298,8 +313,8 @@ def main() -> int:
     ap.add_argument("--paths", default="reference,fast", help="comma list of reference,fast")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32,bf16")
     ap.add_argument("--threads", type=int, help="CPU threads (default 2; 1 with --quick)")
-    ap.add_argument("--repeats", type=int, help="timed runs per cell (default 3 CPU, 10 GPU; 1 with --quick)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1 CPU, 3 GPU)")
+    ap.add_argument("--repeats", type=int, help="timed runs per cell (default 3 CPU, 5 GPU; 1 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1 CPU, 2 GPU)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run of every workload with EDT-T at tiny sizes (no fresh-process memory runs)")
     ap.add_argument("--no-rss", dest="rss", action="store_false",
@@ -323,8 +338,8 @@ def main() -> int:
         print(json.dumps(child_cell(args)))
         return 0
     gpu = device.type == "cuda"
-    args.repeats = args.repeats or (1 if args.quick else 10 if gpu else 3)
-    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    args.repeats = args.repeats or (1 if args.quick else 5 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
     names = args.workloads.split(",") if args.workloads else [
         n for n, (devs, _, _) in WORKLOADS.items() if args.quick or device.type in devs]
     unknown = [n for n in names if n not in WORKLOADS]
@@ -338,15 +353,23 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {where}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; load average {load:.1f} "
           f"on {os.cpu_count()} CPUs{'; QUICK (tiny sizes)' if args.quick else ''}")
+    if not args.quick:
+        peaks = [f"{p}: {matmul_peak(device, dt) / 1e12:.3f} TFLOP/s" for p, dt in
+                 (("fp32", torch.float32), ("bf16", torch.bfloat16)) if p in precisions]
+        print(f"# measured square matmul here: {', '.join(peaks)}; the 'x floor' column uses the issue's floors "
+              f"({', '.join(f'{p} {FLOOR[device.type, p] / 1e12:g}' for p in precisions)} TFLOP/s"
+              f"{', for 2 threads' if device.type == 'cpu' else ''})")
     print(HEADER)
     for name in names:
         s = settings(name, args.quick)
-        if "train" in s:
-            train_rows(name, s, device, precisions, paths, args)
-        elif "quality" in s:
-            quality_rows(name, s, device, precisions, paths, args)
-        else:
-            inference_rows(name, s, device, precisions, paths, args)
+        rows = train_rows if "train" in s else quality_rows if "quality" in s else inference_rows
+        try:
+            rows(name, s, device, precisions, paths, args)
+        except Exception as e:  # one broken cell must not cost a lent GPU's whole run
+            print(row(s["label"], "-", "-", check=f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:150]}"),
+                  flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if hasattr(os, "getloadavg"):
         print(f"# load average at the end {os.getloadavg()[0]:.1f}")
     return 0

@@ -4,6 +4,8 @@
     python benchmarks/profile_model.py --size T --input 128         # EDT-T SR x2 on 128x128 (a 256x256 output)
     python benchmarks/profile_model.py --mode reference             # the plain reference formulation
     python benchmarks/profile_model.py --device cuda --input 240x360 --precision bf16
+    git worktree add /tmp/edtir-old 52c93f3 && PYTHONPATH=/tmp/edtir-old/src python benchmarks/profile_model.py
+                                                                    # the code before the fast path
 
 Self time per operator (CPU time on the CPU, CUDA kernel time on a GPU), averaged over ``--repeats`` passes
 after one warm-up (inputs are mirror-padded to the size multiple as in ``edtir.restore``), printed as the top
@@ -13,13 +15,14 @@ operators and as a share per kind (matrix products, attention, softmax, copies, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from edtir.inference import forward_padded
-from edtir.models.edt import attention_mode, build_model
+from edtir.models import edt
 
 #: operator name fragment -> kind of work; first match wins (order matters: "addmm" before "mm")
 KINDS = [
@@ -90,12 +93,13 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     H, W = parse_size(args.input)
     torch.manual_seed(0)
-    model = build_model(args.size, [args.task]).to(device).eval()
+    model = edt.build_model(args.size, [args.task]).to(device).eval()
     x = torch.rand(args.batch, 3, H, W, device=device)
     cuda = device.type == "cuda"
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch.inference_mode(), amp, attention_mode(args.mode):
+    mode = edt.attention_mode(args.mode) if hasattr(edt, "attention_mode") else contextlib.nullcontext()
+    with torch.inference_mode(), amp, mode:
         forward_padded(model, x, args.task)
         if cuda:
             torch.cuda.synchronize()
@@ -110,7 +114,8 @@ def main() -> int:
     rows = [r for r in rows if r[1] > 0]
     total = sum(r[1] for r in rows)
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# EDT-{args.size} {args.task} {H}x{W} batch {args.batch}, {args.precision}, {args.mode} path; {where}; "
+    print(f"# EDT-{args.size} {args.task} {H}x{W} batch {args.batch}, {args.precision}, "
+          f"{args.mode + ' path' if hasattr(edt, 'attention_mode') else 'code without attention paths'}; {where}; "
           f"torch {torch.__version__}; self time per pass {total:.0f} ms (profiler on)")
     print(f"{'operator':<48}{'ms/pass':>9}{'share':>8}{'calls':>7}")
     for name, ms, n in sorted(rows, key=lambda r: -r[1])[: args.top]:

@@ -139,6 +139,18 @@ def test_fast_equals_reference_on_a_real_image_with_padding(make, butterfly):
     assert (fast - ref).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("rule", ["none", "cuda", "16"])
+def test_every_head_dim_padding_equals_reference(rule, monkeypatch):
+    """The CUDA rule (a multiple of 8: 5 -> 8, 15 -> 16) and no padding give the reference output too (the CPU
+    rule, 16, is what the other tests run)."""
+    pads = {"none": lambda device, d: d, "cuda": lambda device, d: -(-d // 8) * 8, "16": lambda device, d: 16}
+    monkeypatch.setattr(edt, "head_pad", pads[rule])
+    for make in (small_t, small_b):
+        model = sharpen(make()).eval()
+        fast, ref = both_paths(model, torch.rand(2, 3, 24, 48))
+        assert (fast - ref).abs().max() <= TOL
+
+
 @pytest.mark.parametrize("window", [(24, 6), (8, 8), (4, 16)])
 def test_fast_equals_reference_other_windows(window):
     model = sharpen(edtir.build_model("T", ["sr-x2"], depths=(2,), window_size=window)).eval()

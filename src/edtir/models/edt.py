@@ -174,7 +174,8 @@ _allocator = {"tuned": None}
 def tune_cpu_allocator() -> bool:
     """Let glibc keep freed memory for reuse (mmap threshold 256 MiB, trim threshold 512 MiB) instead of handing
     every large tensor back to the OS and faulting fresh pages in for the next one. EDT-B x2 on 72x72 otherwise
-    takes about 209,000 page faults (0.4 s of system time) per forward pass on the CPU; with it, none. Applied
+    takes about 117,000 page faults (0.24 s of system time) per forward pass on the CPU; with it, none
+    (``benchmarks/cpu_microbench.py --only faults``). Applied
     once per process on the first CPU forward pass (``TUNE_CPU_ALLOCATOR``); a no-op without glibc. The same
     effect from the shell: ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=536870912``."""
     if _allocator["tuned"] is None:
@@ -218,24 +219,28 @@ def _onednn_linear() -> bool:
     return _onednn["ok"]
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None):
-    """``residual + gelu?(layer(x))``. On the fast path, for CPU inference in float32: one oneDNN call with the
-    GELU or the residual add fused in (a pass over memory fewer, and oneDNN's products beat MKL's at EDT's widths).
-    Elsewhere on the fast path an output width that is not a multiple of 8 is padded with zero rows and cropped
-    back: products 180 or 540 wide (EDT-B) run far slower than 184 or 544 wide."""
+def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None,
+           weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + gelu?(x @ weightᵀ + bias)``, with ``layer``'s weight and bias unless given. On the fast path,
+    for CPU inference in float32: one oneDNN call with the GELU or the residual add fused in (a pass over memory
+    fewer, and oneDNN's products beat MKL's at EDT's widths). Elsewhere on the fast path an output width that is
+    not a multiple of 8 is padded with zero rows and cropped back: products 180 or 540 wide (EDT-B) run far
+    slower than 184 or 544 wide."""
+    w = layer.weight if weight is None else weight
+    b = layer.bias if bias is None else bias
     fast = _path[0] == "fast" and not exporting()
     if (fast and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and _onednn_linear()):
         op = torch.ops.mkldnn._linear_pointwise
         if residual is not None and not gelu:
-            return op.binary(x, residual, layer.weight, layer.bias, "add")
-        y = op(x, layer.weight, layer.bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+            return op.binary(x, residual, w, b, "add")
+        y = op(x, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
         return y if residual is None else residual + y
-    n, pad = layer.out_features, -layer.out_features % 8
+    n, pad = w.shape[0], -w.shape[0] % 8
     if fast and pad:
-        y = F.linear(x, F.pad(layer.weight, (0, 0, 0, pad)), F.pad(layer.bias, (0, pad)))[..., :n]
+        y = F.linear(x, F.pad(w, (0, 0, 0, pad)), F.pad(b, (0, pad)))[..., :n]
     else:
-        y = layer(x)
+        y = F.linear(x, w, b)
     if gelu:
         y = F.gelu(y)
     return y if residual is None else residual + y
@@ -591,7 +596,8 @@ class EDTBlock(nn.Module):
         heads, d, half = a.heads, a.head_dim, C // 2
         (wh, ww), n = layout.window, layout.window[0] * layout.window[1]
         dp = head_pad(x.device, d)
-        qkv = F.linear(x, *self.qkv_weight(dp))  # (B, H, W, [branch, q/k/v, head, dp])
+        w, b = self.qkv_weight(dp)
+        qkv = linear(self.qkv, x, weight=w, bias=b)  # (B, H, W, [branch, q/k/v, head, dp])
         gather, scatter = layout.indices(B, self.shifted)
         rows = permute_rows(qkv.reshape(-1, 3 * heads * dp), gather, scatter)  # (B * nW * 2 * N, 3 * heads * dp)
         q, k, v = rows.view(-1, n, 3, heads, dp).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW*2, heads, N, dp)
