@@ -174,7 +174,7 @@ _allocator = {"tuned": None}
 def tune_cpu_allocator() -> bool:
     """Let glibc keep freed memory for reuse (mmap threshold 256 MiB, trim threshold 512 MiB) instead of handing
     every large tensor back to the OS and faulting fresh pages in for the next one. EDT-B x2 on 72x72 otherwise
-    takes about 117,000 page faults (0.24 s of system time) per forward pass on the CPU; with it, none
+    takes up to about 117,000 page faults (0.24 s of system time) per forward pass on the CPU; with it, none
     (``benchmarks/cpu_microbench.py --only faults``). Applied
     once per process on the first CPU forward pass (``TUNE_CPU_ALLOCATOR``); a no-op without glibc. The same
     effect from the shell: ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=536870912``."""
