@@ -94,5 +94,5 @@ def test_fast_equals_reference_on_cuda(size):
         grads[path] = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert (out["fast"] - out["reference"]).abs().max() <= 1e-4
     assert (out["fast16"] - out["reference"]).abs().max() < 0.05
-    for name, g in grads["reference"].items():
-        assert (grads["fast"][name] - g).abs().max() / g.abs().max().clamp_min(1e-3) <= 1e-4, name
+    for name, g in grads["reference"].items():  # a weight's gradient sums ~1e4 products: relative, in norm
+        assert (grads["fast"][name] - g).norm() / g.norm().clamp_min(1e-3) <= 1e-4, name

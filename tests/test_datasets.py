@@ -130,3 +130,28 @@ def test_real_training_folder(data_dir):
 def test_training_on_a_test_set_warns(data_dir):
     with pytest.warns(UserWarning, match="evaluation set"):
         list_training_images([data_dir / "Set5"])
+
+
+def test_image_cache_gives_the_same_patches_and_keeps_its_budget(tree):
+    """Real 291 images through every degradation: the cache changes speed, never a bit of the patches."""
+    from pathlib import Path
+
+    from edtir.data.datasets import ImageCache
+
+    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "T91"
+    images = list_training_images([real])[:6] if real.is_dir() else list_training_images([tree])
+    sources = [TaskSource("sr-x4", 24, "bicubic", images=images),
+               TaskSource("denoise-50", 64, "noise", noise_sigma=50, images=images),
+               TaskSource("derain-heavy", 64, "rain", rain="heavy", images=images)]
+    plain, cached = TrainPatches(sources, seed=2), TrainPatches(sources, seed=2, cache_mb=64)
+    for n in range(2 * len(images)):  # the second epoch reads every image from the cache
+        a, b = plain[n], cached[n]
+        for task in a:
+            for x, y in zip(a[task], b[task], strict=True):
+                assert torch.equal(x, y), (task, n)
+    assert len(cached._read._items) == len(images)
+    small = ImageCache(max(ImageCache(0)(p).nbytes for p in images[:3]) + 1)
+    for p in images[:3]:
+        small(p)
+    assert list(small._items) == [images[2]]  # least recently used dropped first, budget kept
+    assert small.bytes == small._items[images[2]].nbytes <= small.max_bytes

@@ -209,7 +209,8 @@ def test_a_batch_with_bad_files(zoo, crop, tmp_path, capsys):
     cap = capsys.readouterr()
     assert rc == 1
     assert sorted(p.name for p in out.iterdir()) == ["dot_sr-x2.png", "good_sr-x2.png"]  # nothing else, no tmp
-    errors = [line for line in cap.out.splitlines() if "error:" in line]
+    errors = [line for line in cap.err.splitlines() if "error:" in line]  # errors go to stderr
+    assert "error:" not in cap.out
     for name, reason in (("truncated.png", "cannot decode"), ("text.jpg", "not an image"),
                          ("empty.png", "empty file"), ("bomb.png", "over the limit of 400,000,000"),
                          ("float.tif", "float pixels"), ("missing.png", "no such file"),
@@ -223,10 +224,10 @@ def test_pixel_limit_is_configurable(zoo, crop, tmp_path, monkeypatch, capsys):
     Image.fromarray(crop).save(tmp_path / "a.png")  # 48x40 = 1920 pixels
     args = ["restore", str(tmp_path / "a.png"), "--task", "denoise-25", "-o", str(tmp_path / "out")]
     assert main(args + ["--max-pixels", "1919"]) == 1
-    assert "1,920 pixels, over the limit of 1,919" in capsys.readouterr().out
+    assert "1,920 pixels, over the limit of 1,919" in capsys.readouterr().err
     monkeypatch.setenv("EDTIR_MAX_PIXELS", "1000")
     assert main(args) == 1
-    assert "over the limit of 1,000" in capsys.readouterr().out
+    assert "over the limit of 1,000" in capsys.readouterr().err
     assert main(args + ["--max-pixels", "1920"]) == 0  # the flag wins over the environment
     assert main(args + ["--max-pixels", "0"]) == 2
     with pytest.raises(ImageError, match="over the limit"):
@@ -238,7 +239,7 @@ def test_unreadable_file_and_unwritable_folder(zoo, crop, tmp_path, capsys):
     Image.fromarray(crop).save(tmp_path / "a.png")
     os.chmod(tmp_path / "a.png", 0)
     assert main(["restore", str(tmp_path / "a.png"), "--task", "sr-x2", "-o", str(tmp_path / "o")]) == 1
-    assert "permission denied" in capsys.readouterr().out
+    assert "permission denied" in capsys.readouterr().err
     os.chmod(tmp_path / "a.png", 0o644)
     (tmp_path / "ro").mkdir(mode=0o500)
     assert main(["restore", str(tmp_path / "a.png"), "--task", "sr-x2", "-o", str(tmp_path / "ro")]) == 1
@@ -283,7 +284,7 @@ def test_outputs_are_never_overwritten_and_folders_are_checked_first(zoo, crop, 
     dst = out / "a_sr-x2.png"
     before = dst.read_bytes()
     assert main(["restore", str(src), "--task", "sr-x2", "-o", str(out)]) == 1
-    assert dst.read_bytes() == before and "exists (use --overwrite" in capsys.readouterr().out
+    assert dst.read_bytes() == before and "exists (use --overwrite" in capsys.readouterr().err
     assert main(["restore", str(src), "--task", "sr-x2", "-o", str(out), "--overwrite"]) == 0
     np.testing.assert_array_equal(read_image(dst), engine(tiny(), crop, task="sr-x2"))  # replaced
     # never an input, even with --overwrite
@@ -314,7 +315,7 @@ def test_a_full_disk_leaves_no_partial_file(zoo, crop, tmp_path, monkeypatch, ca
     monkeypatch.setattr(Image.Image, "save", full_disk)
     out = tmp_path / "out"
     assert main(["restore", str(tmp_path / "a.png"), "--task", "sr-x2", "-o", str(out)]) == 1
-    assert "No space left on device" in capsys.readouterr().out
+    assert "No space left on device" in capsys.readouterr().err
     assert list(out.iterdir()) == []  # neither the output nor its temporary
 
 

@@ -212,3 +212,19 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert diff.mean() < 1e-3 * moved.mean() and diff.max() < 0.1 * one["train"]["lr"], (diff.mean(), diff.max())
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_00000002",
                                                                                      "step_00000003"]
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    """A plain 0.999 EMA keeps 0.999^1000 = 37% of the start after 1,000 steps; the warm-up keeps none of it,
+    and from step ~10,000 on it is the plain decay again."""
+    from edtir.train.state import EMA
+
+    start, trained = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    plain, warm = EMA(start, 0.999), EMA(start, 0.999)
+    for step in range(1, 1001):
+        plain.update(trained)
+        warm.update(trained, step)
+    gap = lambda e: (e.module.weight - trained.weight).abs().max() / (start.weight - trained.weight).abs().max()  # noqa: E731
+    assert abs(gap(plain).item() - 0.999**1000) < 1e-4
+    assert gap(warm).item() < 1e-6
+    assert warm.decay_at(1) == 2 / 11 and warm.decay_at(20_000) == 0.999 and warm.decay_at(None) == 0.999

@@ -42,7 +42,9 @@ def run(args) -> int:
         from ..baselines import BASELINES
 
         for name, entry in zoo.registry().items():
-            print(f"{name:28s} {entry.get('description', '')}")
+            dflt = entry.get("default_for") or []
+            mark = f" [default for {', '.join(dflt)}]" if dflt else ""
+            print(f"{name:28s} {entry.get('description', '')}{mark}")
         for name, desc in BASELINES.items():
             print(f"{name:28s} {desc}")
         return 0

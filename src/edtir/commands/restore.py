@@ -5,6 +5,7 @@ One bad input is reported and skipped; the exit code is then 1."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..errors import EdtirError, ImageError, UsageError
@@ -110,7 +111,7 @@ def run(args) -> int:
         args.model = zoo.default_for(args.task)
     files, errors = collect_inputs(args.inputs)
     for msg in errors:
-        print(f"edtir restore: error: {msg}", flush=True)
+        print(f"edtir restore: error: {msg}", file=sys.stderr, flush=True)
     if not files:
         raise ImageError("nothing to restore (no readable input)")
     target, is_file = output_target(files, args.output)
@@ -144,12 +145,13 @@ def run(args) -> int:
             tqdm.write(f"{src} -> {dst} ({w}x{h} -> {W}x{H}, {pic.mode}, {pic.bits}-bit)")
         except EdtirError as e:
             failed += 1
-            tqdm.write(f"edtir restore: error: {e}")
+            tqdm.write(f"edtir restore: error: {e}", file=sys.stderr)
         except (MemoryError, RuntimeError) as e:  # one huge image must not end the batch
             if not isinstance(e, MemoryError) and "out of memory" not in str(e):
                 raise
             failed += 1
-            tqdm.write(f"edtir restore: error: {src}: out of memory (try --tile 256, or a smaller --tile)")
+            tqdm.write(f"edtir restore: error: {src}: out of memory (try --tile 256, or a smaller --tile)",
+                       file=sys.stderr)
     if failed:
-        print(f"edtir restore: {failed} input(s) failed (reported above); the others were written")
+        print(f"edtir restore: {failed} input(s) failed (reported above); the others were written", file=sys.stderr)
     return 1 if failed else 0

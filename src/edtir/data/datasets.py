@@ -147,9 +147,9 @@ def dihedral(image: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
 
 
-def make_pair(src: TaskSource, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def make_pair(src: TaskSource, n: int, rng: np.random.Generator, read=read_image) -> tuple[np.ndarray, np.ndarray]:
     """(input, target) arrays for item ``n`` of the source: input HWC float32 (noise) or uint8, target
-    uint8."""
+    uint8. ``read`` decodes a clean image (an :class:`ImageCache` in training)."""
     if n >= len(src.images):  # a real pair
         inp_path, tgt_path = src.pairs[n - len(src.images)]
         inp, tgt = read_image(inp_path), read_image(tgt_path)
@@ -157,7 +157,7 @@ def make_pair(src: TaskSource, n: int, rng: np.random.Generator) -> tuple[np.nda
             raise ValueError(f"{inp_path}: size {inp.shape[:2]} differs from its target {tgt.shape[:2]}")
         inp, tgt = (pad_to(a, src.patch, src.patch) for a in (inp, tgt))
         return tuple(random_crop([inp, tgt], src.patch, rng))
-    clean = read_image(src.images[n])
+    clean = read(src.images[n])
     if src.degradation == "bicubic":
         s = task_scale(src.task)
         side = (src.patch + 2 * SR_MARGIN) * s
@@ -179,14 +179,42 @@ def to_tensor(a: np.ndarray) -> torch.Tensor:
     return t.float().div_(255.0) if a.dtype == np.uint8 else t.float()
 
 
+class ImageCache:
+    """Decoded clean images kept in memory, least recently used dropped past ``max_bytes``: decoding a PNG costs
+    as much as making the patch, and a GPU step wants hundreds of patches. One per data process; 0 turns it
+    off. The images are never modified (crops are views that every later step copies)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self._items: OrderedDict = OrderedDict()
+
+    def __call__(self, path) -> np.ndarray:
+        image = self._items.get(path)
+        if image is not None:
+            self._items.move_to_end(path)
+            return image
+        image = read_image(path)
+        if self.max_bytes <= 0 or image.nbytes > self.max_bytes:
+            return image
+        image.setflags(write=False)
+        self._items[path] = image
+        self.bytes += image.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+        return image
+
+
 class TrainPatches(Dataset):
     """Index ``n`` (a global sample number) -> ``{task: (input, target)}`` CHW float tensors, one pair per
     task. Input in [0, 1] (noisy inputs may leave it), target in [0, 1]."""
 
-    def __init__(self, sources: list[TaskSource], seed: int = 0):
+    def __init__(self, sources: list[TaskSource], seed: int = 0, cache_mb: float = 0):
         self.sources = sources
         self.seed = int(seed)
         self._perms: OrderedDict = OrderedDict()
+        self._read = ImageCache(int(cache_mb * 2**20))
 
     def __len__(self) -> int:  # an endless stream; the sampler decides how much of it a run uses
         return 2**62
@@ -203,7 +231,7 @@ class TrainPatches(Dataset):
         tid = TASKS.index(src.task)
         item = int(self._perm(tid, src.size, n // src.size)[n % src.size])
         rng = np.random.default_rng([self.seed, tid, n, 2])
-        inp, tgt = make_pair(src, item, rng)
+        inp, tgt = make_pair(src, item, rng, self._read)
         k = int(rng.integers(8))
         return to_tensor(dihedral(inp, k)), to_tensor(dihedral(tgt, k))
 

@@ -514,8 +514,12 @@ class AntiBlockingFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C), plus ``residual`` if given."""
-        x = linear(self.fc1, x, gelu=True)
-        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = linear(self.fc1, x, gelu=True).permute(0, 3, 1, 2)  # a channels-last (B, hidden, H, W) view
+        if x.is_cuda and x.dtype != torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
+            # bf16 inference: cuDNN's channels-last depthwise kernel took 2.8x PyTorch's NCHW one (copy included)
+            # on an H200; fp32, training and the CPU are faster channels-last (benchmarks/dwconv_layouts.py)
+            x = x.contiguous()
+        x = self.dwconv(x).permute(0, 2, 3, 1)
         return linear(self.fc2, F.gelu(x), residual=residual)
 
 

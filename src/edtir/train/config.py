@@ -78,9 +78,11 @@ class TrainConfig:
     weights: dict[str, float] = field(default_factory=dict)  # loss weight per task (default 1.0)
     grad_clip: float | None = None  # max global grad norm; None: off
     ema: float | None = None  # EMA decay (e.g. 0.999); None: off
+    ema_warmup: bool = True  # decay min(ema, (1 + step) / (10 + step)): short runs don't publish the init
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16
     seed: int = 0
     workers: int = 4  # data-loading processes per training process
+    image_cache_mb: float = 256  # decoded training images kept per data process (0: decode every time)
     device: str = "auto"  # auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)
     threads: int | None = None  # torch CPU threads per process; None: torch's default
 

@@ -233,7 +233,7 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
     step_module = distributed.wrap(MultiTaskStep(model), info)
 
     # Data: step s on rank r reads global samples (s * world + r) * batch + i, i < batch.
-    dataset = TrainPatches(build_sources(cfg), seed=t.seed)
+    dataset = TrainPatches(build_sources(cfg), seed=t.seed, cache_mb=t.image_cache_mb)
     loader = make_loader(dataset, start=start, stop=t.iterations, batch=t.batch, rank=info.rank,
                          world=info.world_size, workers=t.workers, pin_memory=dev.type == "cuda")
     bf16 = t.precision == "bf16" or (t.precision == "auto" and dev.type == "cuda")
@@ -294,7 +294,7 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
             loss, losses = train_step(step_module, batch, optimizer, weights, dev, bf16, t.grad_clip, params)
             scheduler.step()
             if ema is not None:
-                ema.update(model)
+                ema.update(model, step if t.ema_warmup else None)
             mon.bar.update(1)
             _note_nonfinite(record, loss, step)
 

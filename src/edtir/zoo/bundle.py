@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--default-for", default="", help="comma-separated tasks this model becomes the default for")
     p.add_argument("--tasks", help="keep only these tasks (default: all of the checkpoint's)")
     p.add_argument("--steps", type=int, required=True, help="training iterations")
-    p.add_argument("--config", required=True, help="the training config (configs/...)")
+    p.add_argument("--config", required=True, help="the training config (configs/...); stages as 'A, then B'")
     p.add_argument("--command", required=True, help="the exact training command(s)")
     p.add_argument("--trained-on", default="", help="where it was trained (e.g. 'one NVIDIA H200')")
     p.add_argument("--data", required=True, help="what it was trained on")
