@@ -45,7 +45,7 @@ timeout 40 $PY benchmarks/dwconv_layouts.py --device cuda 2>&1 | tee "$OUT/dwcon
 want perf && { step "performance suite: workloads x reference/fast x fp32/bf16"
 timeout ${PERF_SECONDS:-150} $PY benchmarks/perf_suite.py --device cuda \
   --workloads ${PERF_WORKLOADS:-b-240x360,b-train,set5,b-480x720} --repeats 3 --warmup 1 2>&1 | tee "$OUT/perf_suite.txt"
-timeout 60 $PY benchmarks/perf_suite.py --device cuda --workloads b-4k --paths fast --repeats 1 --warmup 1 2>&1 \
+timeout 60 $PY benchmarks/perf_suite.py --device cuda --workloads b-4k,b-4k-auto --paths fast --repeats 1 --warmup 1 2>&1 \
   | tee -a "$OUT/perf_suite.txt"
 for mode in ${PROFILE_MODES:-fast reference}; do
   timeout 25 $PY benchmarks/profile_model.py --device cuda --input 240x360 --precision bf16 --mode $mode --top 12 \

@@ -11,6 +11,7 @@ Workloads (random weights: speed does not depend on them; set5 uses the bundled 
   b-480x720  EDT-B SR x2, 480x720 LR, batch 1                      (GPU)
   b-train    EDT-B SR x2 training step, batch 32, LR patch 48      (GPU; benchmarks/train_speed.py's step)
   b-4k       EDT-B SR x4 of 960x540 (a 4K output) through tiling   (GPU: peak GPU memory; CPU: peak RSS)
+  b-4k-auto  the same, tiles chosen by edtir for a 3.5 GiB budget  (GPU)
   b-72       EDT-B SR x2, 72x72 LR                                 (CPU)
   t-256      EDT-T SR x2, 256x256 LR (padded to 264 as edtir.restore does)  (CPU)
   set5       Set5 SR x2 with edt-t-sr-x2-291: PSNR in bf16 against fp32 (the issue's <= 0.01 dB)
@@ -50,11 +51,14 @@ WORKLOADS = {
     "b-480x720": (("cuda",), "EDT-B x2 480x720", dict(size="B", task="sr-x2", hw=(480, 720))),
     "b-train": (("cuda",), "EDT-B x2 train b32 p48", dict(size="B", task="sr-x2", train=(32, 48))),
     "b-4k": (("cuda", "cpu"), "EDT-B x4 960x540 tiled", dict(size="B", task="sr-x4", hw=(540, 960), tiled=True)),
+    "b-4k-auto": (("cuda",), "EDT-B x4 960x540 auto 3.5G", dict(size="B", task="sr-x4", hw=(540, 960), tiled=True,
+                                                                memory_limit="3.5G")),
     "b-72": (("cpu",), "EDT-B x2 72x72", dict(size="B", task="sr-x2", hw=(72, 72))),
     "t-256": (("cpu",), "EDT-T x2 256x256", dict(size="T", task="sr-x2", hw=(256, 256))),
     "set5": (("cuda", "cpu"), "Set5 x2 edt-t-sr-x2-291", dict(quality="edt-t-sr-x2-291")),
 }
-QUICK = {"b-train": dict(train=(2, 24)), "b-4k": dict(hw=(60, 100), tile=48), "set5": dict(crop=96)}
+QUICK = {"b-train": dict(train=(2, 24)), "b-4k": dict(hw=(60, 100), tile=48), "set5": dict(crop=96),
+         "b-4k-auto": dict(hw=(60, 100), memory_limit="20M")}
 #: tile (LR side) and tiles per forward pass for the 4K workload
 TILING = {"cuda": (240, 8), "cpu": (120, 1)}
 
@@ -120,6 +124,9 @@ def runner(model, s, device, precision, tile_cfg):
     from edtir.inference import forward_padded, restore
 
     x = torch.rand(1, 3, *s["hw"], generator=torch.Generator().manual_seed(1))
+    if s.get("memory_limit"):  # edtir's own tiling: the largest tile whose estimated memory fits the budget
+        return lambda: restore(model, x, task=s["task"], device=device, precision=precision,
+                               memory_limit=s["memory_limit"])
     if s.get("tiled"):
         tile, tile_batch = tile_cfg
         return lambda: restore(model, x, task=s["task"], tile=tile, tile_batch=tile_batch, device=device,
