@@ -4,6 +4,7 @@ its masks and gather indices are right, cached or computed from a traced shape."
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DATA, need
 
 import edtir
@@ -223,3 +224,41 @@ def test_layouts_cached_under_inference_mode_serve_training():
             model.zero_grad()
             model(x).mean().backward()
         assert model.body.layers[0].residual_group.blocks[1].qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_windowed_attention_equals_sdpa(chunk):
+    """The CPU's explicit attention (small heads, fp32 inference) against the fused kernel: with and without the
+    shift bias, chunks that do and don't divide the windows."""
+    from edtir.models.edt import windowed_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, 6, 144, 5, generator=g) for _ in range(3))
+    bias = torch.where(torch.rand(10, 1, 144, 144, generator=g) < 0.3, -100.0, 0.0)
+    for b in (None, bias):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=0.4).transpose(1, 2)
+        got = windowed_attention(q, k, v, b, 0.4, chunk=chunk)
+        assert got.shape == (10, 144, 6, 5) and (got - want).abs().max() < 1e-5
+
+
+def test_explicit_attention_is_chosen_for_small_heads_in_cpu_inference_only():
+    from edtir.models import edt
+
+    x = torch.zeros(1, 2, 2, 60)
+    with torch.no_grad():
+        assert edt.use_explicit_attention(x, 5) and edt.use_explicit_attention(x, 10)
+        assert not edt.use_explicit_attention(x, 15)  # EDT-B/L: the flash kernel was as fast or faster
+        assert not edt.use_explicit_attention(x.bfloat16(), 5)
+    assert not edt.use_explicit_attention(x, 5)  # gradients: the fused kernel (and its backward)
+    model = edt.build_model("T", ["sr-x2"], depths=(2,)).eval()
+    img = torch.rand(1, 3, 48, 72)
+    with torch.no_grad():
+        explicit = model(img)
+        old, edt.CPU_EXPLICIT_ATTENTION = edt.CPU_EXPLICIT_ATTENTION, False
+        try:
+            fused = model(img)
+        finally:
+            edt.CPU_EXPLICIT_ATTENTION = old
+        with edt.attention_mode("reference"):
+            ref = model(img)
+    assert (explicit - ref).abs().max() <= 1e-5 and (fused - ref).abs().max() <= 1e-5

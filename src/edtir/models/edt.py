@@ -201,6 +201,40 @@ def head_pad(device: torch.device, head_dim: int) -> int:
     return -(-head_dim // 8) * 8
 
 
+#: CPU fp32 inference with small heads (EDT-T: 5, EDT-S: 10) computes attention explicitly, a few windows at a
+#: time (:func:`windowed_attention`); False (or EDTIR_CPU_EXPLICIT_ATTENTION=0) sends it to the flash kernel as
+#: everywhere else. ``benchmarks/cpu_attention.py`` measures both.
+CPU_EXPLICIT_ATTENTION = os.environ.get("EDTIR_CPU_EXPLICIT_ATTENTION", "1") != "0"
+#: the largest head dim that goes the explicit way: at 15 (EDT-B, EDT-L) the flash kernel was as fast or faster
+EXPLICIT_MAX_HEAD_DIM = 12
+#: window-heads per chunk of :func:`windowed_attention`: their logits (64 x 144 x 144 fp32, 5 MiB) stay in cache
+ATTENTION_CHUNK = 64
+
+
+def use_explicit_attention(x: torch.Tensor, head_dim: int) -> bool:
+    return (CPU_EXPLICIT_ATTENTION and head_dim <= EXPLICIT_MAX_HEAD_DIM and x.device.type == "cpu"
+            and x.dtype == torch.float32 and not torch.is_grad_enabled() and not exporting())
+
+
+def windowed_attention(q, k, v, bias, scale: float, chunk: int | None = None) -> torch.Tensor:
+    """softmax(q kᵀ·scale + bias) v for (windows, heads, N, d) q/k/v, a few windows at a time; returns
+    (windows, N, heads, d). For small heads on the CPU this beats the flash kernel, whose cost is per logit
+    whatever the head dim (2.9 billion logits in an EDT-T pass at 264x264): the logits of a chunk stay in cache,
+    and the head dim needs no padding, so the qkv projection and the gathers shrink too (EDT-T: 5, not 16)."""
+    nw, heads, n, d = q.shape
+    out = q.new_empty(nw, n, heads, d)
+    step = max(1, (chunk or ATTENTION_CHUNK) // heads)
+    for i in range(0, nw, step):
+        j = min(nw, i + step)
+        logits = torch.matmul(q[i:j], k[i:j].transpose(-1, -2))  # (w, heads, N, N)
+        if bias is not None:
+            logits = torch.add(bias[i:j], logits, alpha=scale)
+            out[i:j] = torch.matmul(logits.softmax(-1), v[i:j]).transpose(1, 2)
+        else:
+            out[i:j] = torch.matmul(torch.softmax(logits.mul_(scale), -1), v[i:j]).transpose(1, 2)
+    return out
+
+
 _onednn = {"ok": None}
 
 
@@ -599,14 +633,18 @@ class EDTBlock(nn.Module):
         a = self.attns[0]
         heads, d, half = a.heads, a.head_dim, C // 2
         (wh, ww), n = layout.window, layout.window[0] * layout.window[1]
-        dp = head_pad(x.device, d)
+        explicit = use_explicit_attention(x, d)
+        dp = d if explicit else head_pad(x.device, d)
         w, b = self.qkv_weight(dp)
         qkv = linear(self.qkv, x, weight=w, bias=b)  # (B, H, W, [branch, q/k/v, head, dp])
         gather, scatter = layout.indices(B, self.shifted)
         rows = permute_rows(qkv.reshape(-1, 3 * heads * dp), gather, scatter)  # (B * nW * 2 * N, 3 * heads * dp)
         q, k, v = rows.view(-1, n, 3, heads, dp).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW*2, heads, N, dp)
         mask = layout.bias(B, q.dtype) if self.shifted else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scale).transpose(1, 2)
+        if explicit:
+            out = windowed_attention(q, k, v, mask, a.scale)  # (B*nW*2, N, heads, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scale).transpose(1, 2)
         # LePE of both branches as one grouped conv over windows seen as wh x ww images (the vertical branch's
         # windows are transposed, so its kernel is too)
         bw = q.shape[0] // 2

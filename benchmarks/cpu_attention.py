@@ -1,0 +1,59 @@
+"""CPU fp32 inference: the explicit, chunked attention (``edtir.models.edt.windowed_attention``, unpadded heads)
+against the flash kernel (heads padded to 16), interleaved in one process with the same weights and input.
+
+    python benchmarks/cpu_attention.py                       # T 264, S 144, B 72, L 48; 2 threads, 3 rounds
+    python benchmarks/cpu_attention.py --cases T:264,B:144 --threads 1 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import edtir.models.edt as E
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="T:264,S:144,B:72,L:48", help="SIZE:SIDE,... (SR x2, square LR input)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# CPU, {args.threads} threads; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}; "
+          f"median (min) s of {args.rounds} interleaved rounds after a warm-up")
+    print(f"{'model':<8}{'input':>8}{'head dim':>10}{'flash, pad 16':>18}{'explicit':>18}{'speed-up':>10}"
+          f"{'max |diff|':>12}")
+    for case in args.cases.split(","):
+        size, side = case.split(":")
+        torch.manual_seed(0)
+        model = E.build_model(size, ["sr-x2"]).eval()
+        x = torch.rand(1, 3, int(side), int(side))
+        head_dim = model.cfg.embed_dim // 2 // model.cfg.heads
+        times, outs = {"flash": [], "explicit": []}, {}
+        old_max = E.EXPLICIT_MAX_HEAD_DIM
+        E.EXPLICIT_MAX_HEAD_DIM = 1 << 30  # both ways for every size here
+        try:
+            with torch.inference_mode():
+                for _ in range(args.rounds + 1):
+                    for way in ("flash", "explicit"):
+                        E.CPU_EXPLICIT_ATTENTION = way == "explicit"
+                        t0 = time.perf_counter()
+                        outs[way] = model(x)
+                        times[way].append(time.perf_counter() - t0)
+        finally:
+            E.EXPLICIT_MAX_HEAD_DIM, E.CPU_EXPLICIT_ATTENTION = old_max, True
+        f, e = (times[w][1:] for w in ("flash", "explicit"))
+        cell = lambda t: f"{statistics.median(t):.3f} ({min(t):.3f})"  # noqa: E731
+        diff = (outs["flash"] - outs["explicit"]).abs().max().item()
+        print(f"EDT-{size:<4}{side + 'x' + side:>8}{head_dim:>10}{cell(f):>18}{cell(e):>18}"
+              f"{statistics.median(f) / statistics.median(e):>10.2f}{diff:>12.1e}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
