@@ -1,7 +1,7 @@
-"""CPU fp32 inference: the explicit, chunked attention (``edtir.models.edt.windowed_attention``, unpadded heads)
-against the flash kernel (heads padded to 16), interleaved in one process with the same weights and input.
+"""CPU fp32 inference: the explicit, chunked attention (``edtir.models.edt.windowed_attention``)
+against the flash kernel (heads padded to 16 both ways), interleaved in one process with the same weights and input.
 
-    python benchmarks/cpu_attention.py                       # T 264, S 144, B 72, L 48; 2 threads, 3 rounds
+    python benchmarks/cpu_attention.py                       # T 264, S 144, B 72, B 144, L 48; 2 threads, 3 rounds
     python benchmarks/cpu_attention.py --cases T:264,B:144 --threads 1 --rounds 5
 """
 
@@ -19,14 +19,14 @@ import edtir.models.edt as E
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="T:264,S:144,B:72,L:48", help="SIZE:SIDE,... (SR x2, square LR input)")
+    ap.add_argument("--cases", default="T:264,S:144,B:72,B:144,L:48", help="SIZE:SIDE,... (SR x2, square LR input)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# CPU, {args.threads} threads; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}; "
           f"median (min) s of {args.rounds} interleaved rounds after a warm-up")
-    print(f"{'model':<8}{'input':>8}{'head dim':>10}{'flash, pad 16':>18}{'explicit':>18}{'speed-up':>10}"
+    print(f"{'model':<8}{'input':>8}{'head dim':>10}{'flash':>18}{'explicit':>18}{'speed-up':>10}"
           f"{'max |diff|':>12}")
     for case in args.cases.split(","):
         size, side = case.split(":")

@@ -201,12 +201,12 @@ def head_pad(device: torch.device, head_dim: int) -> int:
     return -(-head_dim // 8) * 8
 
 
-#: CPU fp32 inference with small heads (EDT-T: 5, EDT-S: 10) computes attention explicitly, a few windows at a
-#: time (:func:`windowed_attention`); False (or EDTIR_CPU_EXPLICIT_ATTENTION=0) sends it to the flash kernel as
-#: everywhere else. ``benchmarks/cpu_attention.py`` measures both.
+#: CPU fp32 inference computes attention explicitly, a few windows at a time (:func:`windowed_attention`);
+#: False (or EDTIR_CPU_EXPLICIT_ATTENTION=0) sends it to the flash kernel as everywhere else.
+#: ``benchmarks/cpu_attention.py`` measures both.
 CPU_EXPLICIT_ATTENTION = os.environ.get("EDTIR_CPU_EXPLICIT_ATTENTION", "1") != "0"
-#: the largest head dim that goes the explicit way: at 15 (EDT-B, EDT-L) the flash kernel was as fast or faster
-EXPLICIT_MAX_HEAD_DIM = 12
+#: the largest head dim that goes the explicit way (EDT's are 5, 10 and 15, padded to 16 for either way)
+EXPLICIT_MAX_HEAD_DIM = 16
 #: window-heads per chunk of :func:`windowed_attention`: their logits (64 x 144 x 144 fp32, 5 MiB) stay in cache
 ATTENTION_CHUNK = 64
 
@@ -218,9 +218,9 @@ def use_explicit_attention(x: torch.Tensor, head_dim: int) -> bool:
 
 def windowed_attention(q, k, v, bias, scale: float, chunk: int | None = None) -> torch.Tensor:
     """softmax(q kᵀ·scale + bias) v for (windows, heads, N, d) q/k/v, a few windows at a time; returns
-    (windows, N, heads, d). For small heads on the CPU this beats the flash kernel, whose cost is per logit
-    whatever the head dim (2.9 billion logits in an EDT-T pass at 264x264): the logits of a chunk stay in cache,
-    and the head dim needs no padding, so the qkv projection and the gathers shrink too (EDT-T: 5, not 16)."""
+    (windows, N, heads, d). On the CPU this beats torch's flash kernel, which costs about the same per logit
+    whatever the head dim (2.9 billion logits in an EDT-T pass at 264x264) and hardly gains from a second thread
+    at EDT's window sizes; the logits of a chunk stay in cache, and the products split across threads."""
     nw, heads, n, d = q.shape
     out = q.new_empty(nw, n, heads, d)
     step = max(1, (chunk or ATTENTION_CHUNK) // heads)
@@ -634,7 +634,7 @@ class EDTBlock(nn.Module):
         heads, d, half = a.heads, a.head_dim, C // 2
         (wh, ww), n = layout.window, layout.window[0] * layout.window[1]
         explicit = use_explicit_attention(x, d)
-        dp = d if explicit else head_pad(x.device, d)
+        dp = head_pad(x.device, d)
         w, b = self.qkv_weight(dp)
         qkv = linear(self.qkv, x, weight=w, bias=b)  # (B, H, W, [branch, q/k/v, head, dp])
         gather, scatter = layout.indices(B, self.shifted)
