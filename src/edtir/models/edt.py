@@ -227,11 +227,8 @@ def windowed_attention(q, k, v, bias, scale: float, chunk: int | None = None) ->
     for i in range(0, nw, step):
         j = min(nw, i + step)
         logits = torch.matmul(q[i:j], k[i:j].transpose(-1, -2))  # (w, heads, N, N)
-        if bias is not None:
-            logits = torch.add(bias[i:j], logits, alpha=scale)
-            out[i:j] = torch.matmul(logits.softmax(-1), v[i:j]).transpose(1, 2)
-        else:
-            out[i:j] = torch.matmul(torch.softmax(logits.mul_(scale), -1), v[i:j]).transpose(1, 2)
+        logits = logits.mul_(scale) if bias is None else torch.add(bias[i:j], logits, alpha=scale)
+        out[i:j] = torch.matmul(logits.softmax(-1), v[i:j]).transpose(1, 2)
     return out
 
 

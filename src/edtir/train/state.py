@@ -128,17 +128,18 @@ def checkpoints_dir(output: Path) -> Path:
     return Path(output) / "checkpoints"
 
 
-def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (both files present), oldest first."""
+def _step_folders(output: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every ``step_<N>`` folder, complete or not, oldest first."""
     root = checkpoints_dir(output)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and (p / MODEL_FILE).is_file() and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in root.iterdir() for m in [CKPT_RE.match(p.name)] if m and p.is_dir())
+
+
+def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (both files present), oldest first."""
+    return [(step, p) for step, p in _step_folders(output)
+            if (p / MODEL_FILE).is_file() and (p / STATE_FILE).is_file()]
 
 
 def sweep_partial(output: Path) -> None:
@@ -259,10 +260,7 @@ def _check(folder: Path, step: int, load_state: bool) -> tuple[str | None, dict 
 def load_latest(output: Path) -> tuple[Path, dict] | None:
     """(folder, state) of the newest checkpoint that passes :func:`verify_checkpoint`; each damaged or
     incomplete newer one is skipped with a warning. None when there is none."""
-    root = checkpoints_dir(output)
-    folders = sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
-                     for m in [CKPT_RE.match(p.name)] if m and p.is_dir())
-    for step, folder in reversed(folders):
+    for step, folder in reversed(_step_folders(output)):
         problem, state = _check(folder, step, load_state=True)
         if problem is None:
             return folder, state
