@@ -3,6 +3,7 @@ against the flash kernel (heads padded to 16 both ways), interleaved in one proc
 
     python benchmarks/cpu_attention.py                       # T 264, S 144, B 72, B 144, L 48; 2 threads, 3 rounds
     python benchmarks/cpu_attention.py --cases T:264,B:144 --threads 1 --rounds 5
+    python benchmarks/cpu_attention.py --blocks    # one block's attention alone: head dims, threads, both ways
 """
 
 from __future__ import annotations
@@ -17,12 +18,44 @@ import torch
 import edtir.models.edt as E
 
 
+def median_ms(f, repeats: int = 10) -> float:
+    f()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def blocks() -> None:
+    """The attention of one block alone, random q/k/v: an EDT-T block at 264x264 (968 windows x 6 heads of 144
+    tokens) at head dims 5, 8, 16, and an EDT-B block at 72x72 (72 windows x 6 heads, head dim 16), on 1 and 2
+    threads; flash kernel against :func:`windowed_attention`."""
+    import torch.nn.functional as F
+
+    print("# one block's attention, median ms of 10")
+    print(f"{'block':<28}{'threads':>8}{'head dim':>10}{'flash':>10}{'explicit':>10}")
+    for label, windows, dims in (("EDT-T 264x264", 968, (5, 8, 16)), ("EDT-B 72x72", 72, (16,))):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for d in dims:
+                q, k, v = (torch.randn(windows, 6, 144, d) for _ in range(3))
+                flash = median_ms(lambda: F.scaled_dot_product_attention(q, k, v))  # noqa: B023
+                explicit = median_ms(lambda: E.windowed_attention(q, k, v, None, d ** -0.5))  # noqa: B023
+                print(f"{label:<28}{threads:>8}{d:>10}{flash:>10.1f}{explicit:>10.1f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="T:264,S:144,B:72,B:144,L:48", help="SIZE:SIDE,... (SR x2, square LR input)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--blocks", action="store_true", help="time one block's attention alone instead")
     args = ap.parse_args()
+    if args.blocks:
+        blocks()
+        return 0
     torch.set_num_threads(args.threads)
     print(f"# CPU, {args.threads} threads; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}; "
           f"median (min) s of {args.rounds} interleaved rounds after a warm-up")
@@ -35,7 +68,7 @@ def main() -> int:
         x = torch.rand(1, 3, int(side), int(side))
         head_dim = model.cfg.embed_dim // 2 // model.cfg.heads
         times, outs = {"flash": [], "explicit": []}, {}
-        old_max = E.EXPLICIT_MAX_HEAD_DIM
+        old = E.EXPLICIT_MAX_HEAD_DIM, E.CPU_EXPLICIT_ATTENTION
         E.EXPLICIT_MAX_HEAD_DIM = 1 << 30  # both ways for every size here
         try:
             with torch.inference_mode():
@@ -46,7 +79,7 @@ def main() -> int:
                         outs[way] = model(x)
                         times[way].append(time.perf_counter() - t0)
         finally:
-            E.EXPLICIT_MAX_HEAD_DIM, E.CPU_EXPLICIT_ATTENTION = old_max, True
+            E.EXPLICIT_MAX_HEAD_DIM, E.CPU_EXPLICIT_ATTENTION = old
         f, e = (times[w][1:] for w in ("flash", "explicit"))
         cell = lambda t: f"{statistics.median(t):.3f} ({min(t):.3f})"  # noqa: E731
         diff = (outs["flash"] - outs["explicit"]).abs().max().item()
