@@ -1,9 +1,11 @@
 """CPU fp32 inference: the explicit, chunked attention (``edtir.models.edt.windowed_attention``)
-against the flash kernel (heads padded to 16 both ways), interleaved in one process with the same weights and input.
+against the flash kernel (heads padded to 16; the explicit way pads EDT-T's q and k to 8 only), interleaved in one
+process with the same weights and input.
 
     python benchmarks/cpu_attention.py                       # T 264, S 144, B 72, B 144, L 48; 2 threads, 3 rounds
     python benchmarks/cpu_attention.py --cases T:264,B:144 --threads 1 --rounds 5
     python benchmarks/cpu_attention.py --blocks    # one block's attention alone: head dims, threads, both ways
+    python benchmarks/cpu_attention.py --pads      # EDT-T 264x264, explicit: q/k padded to 8 (the default), 16, 5
 """
 
 from __future__ import annotations
@@ -46,15 +48,53 @@ def blocks() -> None:
                 print(f"{label:<28}{threads:>8}{d:>10}{flash:>10.1f}{explicit:>10.1f}", flush=True)
 
 
+def pads(args) -> None:
+    """The explicit attention with EDT-T's q and k padded to 8 (what ``head_pad`` picks), to 16 or not at all (v
+    at 16 in all three), in the whole model, interleaved."""
+    torch.set_num_threads(args.threads)
+    chosen = E.head_pad
+    ways = {"q,k 8 (default)": chosen,
+            "q,k 16": lambda device, d, explicit=False: (16, 16) if d <= 16 else chosen(device, d, explicit),
+            "q,k 5": lambda device, d, explicit=False: (d, 16) if explicit and d <= 8 else chosen(device, d, explicit)}
+    print(f"# CPU, {args.threads} threads; load average {os.getloadavg()[0]:.1f}; median (min) s of {args.rounds} "
+          "interleaved rounds after a warm-up; v padded to 16 in every row")
+    for case in args.cases.split(","):
+        size, side = case.split(":")
+        torch.manual_seed(0)
+        model = E.build_model(size, ["sr-x2"]).eval()
+        x = torch.rand(1, 3, int(side), int(side))
+        times, outs = {w: [] for w in ways}, {}
+        try:
+            with torch.inference_mode():
+                for _ in range(args.rounds + 1):
+                    for way, f in ways.items():
+                        E.head_pad = f
+                        t0 = time.perf_counter()
+                        outs[way] = model(x)
+                        times[way].append(time.perf_counter() - t0)
+        finally:
+            E.head_pad = chosen
+        for way, t in times.items():
+            diff = (outs[way] - outs["q,k 8 (default)"]).abs().max().item()
+            print(f"EDT-{size} {side}x{side}  {way:<18}{statistics.median(t[1:]):8.3f} ({min(t[1:]):.3f})"
+                  f"   max |diff| {diff:.1e}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="T:264,S:144,B:72,B:144,L:48", help="SIZE:SIDE,... (SR x2, square LR input)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--blocks", action="store_true", help="time one block's attention alone instead")
+    ap.add_argument("--pads", action="store_true", help="compare q/k paddings for EDT-T (default cases T:264)")
     args = ap.parse_args()
     if args.blocks:
         blocks()
+        return 0
+    if args.pads:
+        if args.cases == ap.get_default("cases"):
+            args.cases = "T:264"
+        pads(args)
         return 0
     torch.set_num_threads(args.threads)
     print(f"# CPU, {args.threads} threads; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}; "

@@ -5,6 +5,9 @@
 
   sdpa     attention per EDT-B x2 72x72 block (72 windows x 6 heads, 144 tokens): head dim 15 vs 16, 1 vs 2 threads
   widths   fp32 linear layers at EDT-B's widths (5184 tokens): 540 vs 544/576 and 180 vs 184 outputs, MKL vs oneDNN
+  products the explicit attention's pieces for one chunk (5 windows x 6 heads, 144 tokens), 2 threads:
+           q kᵀ, softmax and softmax · v at head dims 5, 8 and 16 (why EDT-T pads q and k to 8 and v to 16)
+  convgelu the FFN's depthwise 5x5 conv then GELU, against oneDNN's conv with the GELU fused (EDT-B, 72x72, 2 threads)
   faults   page faults and system time per EDT-B x2 72x72 pass, with and without the allocator tuning (fresh
            processes, one thread)
 
@@ -68,6 +71,34 @@ def widths():
         print(line)
 
 
+def products():
+    print("explicit attention, one chunk (30 window-heads x 144 tokens), 2 threads, ms:")
+    torch.set_num_threads(2)
+    logits = torch.randn(30, 144, 144)
+    for d in (5, 8, 16):
+        q, k, v = (torch.randn(30, 144, d) for _ in range(3))
+        qk = best(torch.bmm, q, k.transpose(1, 2), clock=time.perf_counter, runs=50)
+        pv = best(torch.bmm, logits, v, clock=time.perf_counter, runs=50)
+        sm = best(torch._softmax, logits, -1, False, out=logits, clock=time.perf_counter, runs=50)
+        print(f"  head dim {d:2d}: q kT {qk:6.3f}   softmax (in place) {sm:6.3f}   softmax . v {pv:6.3f}")
+    torch.set_num_threads(1)
+
+
+def convgelu():
+    print("FFN depthwise 5x5 conv + GELU, EDT-B (360 channels, 72x72, channels-last), 2 threads, ms:")
+    torch.set_num_threads(2)
+    x = torch.randn(1, 72, 72, 360).permute(0, 3, 1, 2)
+    w, b = torch.randn(360, 1, 5, 5), torch.randn(360)
+    two = best(lambda: F.gelu(F.conv2d(x, w, b, padding=2, groups=360)), clock=time.perf_counter, runs=30)
+    line = f"  conv, then GELU {two:6.2f}"
+    op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    if op is not None:
+        one = best(op, x, w, b, [2, 2], [1, 1], [1, 1], 360, "gelu", [], "none", clock=time.perf_counter, runs=30)
+        line += f"   fused {one:6.2f}"
+    print(line)
+    torch.set_num_threads(1)
+
+
 def faults_child(tune: bool) -> dict:
     torch.set_num_threads(1)
     from edtir.models import edt
@@ -96,7 +127,8 @@ def faults():
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="sdpa,widths,faults", help="comma list of sdpa, widths, faults")
+    ap.add_argument("--only", default="sdpa,widths,products,convgelu,faults",
+                    help="comma list of sdpa, widths, products, convgelu, faults")
     ap.add_argument("--faults-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.faults_child is not None:
@@ -105,7 +137,7 @@ def main() -> int:
     print(f"# torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}; load average "
           f"{os.getloadavg()[0]:.1f}")
     for name in args.only.split(","):
-        {"sdpa": sdpa, "widths": widths, "faults": faults}[name]()
+        {"sdpa": sdpa, "widths": widths, "products": products, "convgelu": convgelu, "faults": faults}[name]()
     return 0
 
 

@@ -14,6 +14,7 @@ Workloads (random weights: speed does not depend on them; set5 uses the bundled 
   b-4k-auto  the same, tiles chosen by edtir for a 3.5 GiB budget  (GPU)
   b-72       EDT-B SR x2, 72x72 LR                                 (CPU)
   t-256      EDT-T SR x2, 256x256 LR (padded to 264 as edtir.restore does)  (CPU)
+  t-128      EDT-T SR x2, 128x128 LR: a 256x256 output (padded to 144)  (CPU)
   set5       Set5 SR x2 with edt-t-sr-x2-291: PSNR in bf16 against fp32 (the issue's <= 0.01 dB)
 
 Timing: paths are interleaved (reference, fast, reference, fast, ...) in one process, so a busy machine slows both
@@ -55,6 +56,7 @@ WORKLOADS = {
                                                                 memory_limit="3.5G")),
     "b-72": (("cpu",), "EDT-B x2 72x72", dict(size="B", task="sr-x2", hw=(72, 72))),
     "t-256": (("cpu",), "EDT-T x2 256x256", dict(size="T", task="sr-x2", hw=(256, 256))),
+    "t-128": (("cpu",), "EDT-T x2 128x128", dict(size="T", task="sr-x2", hw=(128, 128))),
     "set5": (("cuda", "cpu"), "Set5 x2 edt-t-sr-x2-291", dict(quality="edt-t-sr-x2-291")),
 }
 QUICK = {"b-train": dict(train=(2, 24)), "b-4k": dict(hw=(60, 100), tile=48), "set5": dict(crop=96),

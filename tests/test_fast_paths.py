@@ -66,14 +66,18 @@ def test_traced_masks_equal_cached_masks(H, W, window):
         assert torch.equal(edt.traced_shift_mask(torch.tensor(H), torch.tensor(W), win, sh, "cpu"), cached)
 
 
+@pytest.mark.parametrize("sort", [True, False])
 @pytest.mark.parametrize("H,W,window", [(48, 72, (6, 24)), (16, 32, (8, 8)), (32, 16, (4, 16))])
-def test_layout_gathers_the_rolled_windows_of_both_branches(H, W, window):
-    """gather == roll + window_partition (the vertical branch transposed inside its windows); scatter is its
-    inverse; the bias is the reference masks in the same order."""
+def test_layout_gathers_the_rolled_windows_of_both_branches(H, W, window, sort):
+    """gather == roll + window_partition (the vertical branch transposed inside its windows), in some window
+    order; scatter is its inverse; the bias is the reference masks in the same order, and (sorted) every window
+    before ``bias_from`` has a zero mask in both branches."""
     (wh, ww), (sh, sw) = window, (window[0] // 2, window[1] // 2)
-    layout = WindowLayout(H, W, window, (sh, sw), "cpu")
+    layout = WindowLayout(H, W, window, (sh, sw), "cpu", sort=sort)
     pos = torch.arange(H * W).view(1, H, W)
     N = wh * ww
+    ref_h = shift_mask(H, W, (wh, ww), (sh, sw))
+    ref_v = shift_mask(H, W, (ww, wh), (sw, sh)).view(-1, ww, wh, ww, wh).permute(0, 2, 1, 4, 3).reshape(-1, N, N)
     for s in (0, 1):
         g = layout.gather[s]
         assert torch.equal(g[layout.scatter[s]], torch.arange(2 * H * W))
@@ -82,10 +86,20 @@ def test_layout_gathers_the_rolled_windows_of_both_branches(H, W, window):
         hor = window_partition(torch.roll(pos, (-sh * s, -sw * s), (1, 2)), wh, ww)
         ver = window_partition(torch.roll(pos, (-sw * s, -sh * s), (1, 2)), ww, wh)
         ver = ver.view(-1, ww, wh).transpose(1, 2).reshape(-1, N)
-        assert torch.equal(rows[:, 0] // 2, hor) and torch.equal(rows[:, 1] // 2, ver)
+        # the window order the layout chose, found by each window's first token
+        order_h = (rows[:, 0, :1] // 2 == hor[:, 0]).nonzero()[:, 1]
+        order_v = (rows[:, 1, :1] // 2 == ver[:, 0]).nonzero()[:, 1]
+        assert torch.equal(rows[:, 0] // 2, hor[order_h]) and torch.equal(rows[:, 1] // 2, ver[order_v])
+        if s == 0 or not sort:
+            assert torch.equal(order_h, torch.arange(len(hor))) and torch.equal(order_v, order_h)
     bias = layout.bias(1, torch.float32).view(-1, 2, N, N)
-    ref_v = shift_mask(H, W, (ww, wh), (sw, sh)).view(-1, ww, wh, ww, wh).permute(0, 2, 1, 4, 3).reshape(-1, N, N)
-    assert torch.equal(bias[:, 0], shift_mask(H, W, (wh, ww), (sh, sw))) and torch.equal(bias[:, 1], ref_v)
+    assert torch.equal(bias[:, 0], ref_h[order_h]) and torch.equal(bias[:, 1], ref_v[order_v])
+    first = layout.bias_from
+    assert (sort or first == 0) and bias.view(-1, N, N)[:first].abs().sum() == 0
+    assert first > 0 or not sort or H // wh == 1 or W // ww == 1  # else some windows have no mask
+    assert torch.equal(layout.tail_bias(torch.float32), bias.view(-1, 1, N, N)[first:])
+    if sort:  # every window with a mask comes after bias_from, in either branch
+        assert bias[first // 2:].flatten(2).ne(0).any(-1).any(-1).all()
     assert torch.equal(layout.bias(3, torch.float32), bias.flatten(0, 1).unsqueeze(1).repeat(3, 1, 1, 1))
 
 
@@ -96,9 +110,10 @@ def test_exporting_builds_the_layout_from_the_traced_shape(monkeypatch):
     monkeypatch.setattr(edt, "exporting", lambda: True)
     fresh = cache(torch.tensor(48), torch.tensor(72), torch.device("cpu"))
     assert fresh is not cached
-    for a, b in zip(fresh.gather + fresh.scatter, cached.gather + cached.scatter, strict=True):
+    unsorted = WindowLayout(48, 72, (6, 24), (3, 12), "cpu", sort=False)  # export keeps the natural window order
+    for a, b in zip(fresh.gather + fresh.scatter, unsorted.gather + unsorted.scatter, strict=True):
         assert torch.equal(a, b)
-    assert torch.equal(fresh.bias(torch.tensor(2), torch.float32), cached.bias(2, torch.float32))
+    assert torch.equal(fresh.bias(torch.tensor(2), torch.float32), unsorted.bias(2, torch.float32))
 
 
 @pytest.mark.parametrize("path", ["fast", "reference"])
@@ -140,16 +155,21 @@ def test_fast_equals_reference_on_a_real_image_with_padding(make, butterfly):
     assert (fast - ref).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("rule", ["none", "cuda", "16"])
+@pytest.mark.parametrize("rule", ["none", "cuda", "16", "q and k 8, v 16"])
 def test_every_head_dim_padding_equals_reference(rule, monkeypatch):
-    """The CUDA rule (a multiple of 8: 5 -> 8, 15 -> 16) and no padding give the reference output too (the CPU
-    rule, 16, is what the other tests run)."""
-    pads = {"none": lambda device, d: d, "cuda": lambda device, d: -(-d // 8) * 8, "16": lambda device, d: 16}
+    """The CUDA rule (a multiple of 8: 5 -> 8, 15 -> 16), no padding, 16, and q/k padded less than v (the CPU's
+    explicit attention for EDT-T) give the reference output, with the explicit attention and the fused kernel."""
+    pads = {"none": lambda device, d, explicit=False: (d, d),
+            "cuda": lambda device, d, explicit=False: (-(-d // 8) * 8,) * 2,
+            "16": lambda device, d, explicit=False: (16, 16),
+            "q and k 8, v 16": lambda device, d, explicit=False: (max(8, d), 16)}
     monkeypatch.setattr(edt, "head_pad", pads[rule])
-    for make in (small_t, small_b):
-        model = sharpen(make()).eval()
-        fast, ref = both_paths(model, torch.rand(2, 3, 24, 48))
-        assert (fast - ref).abs().max() <= TOL
+    for explicit in (True, False) if rule != "q and k 8, v 16" else (True,):
+        monkeypatch.setattr(edt, "CPU_EXPLICIT_ATTENTION", explicit)
+        for make in (small_t, small_b):
+            model = sharpen(make()).eval()
+            fast, ref = both_paths(model, torch.rand(2, 3, 24, 48))
+            assert (fast - ref).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("window", [(24, 6), (8, 8), (4, 16)])
@@ -229,16 +249,25 @@ def test_layouts_cached_under_inference_mode_serve_training():
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
 def test_windowed_attention_equals_sdpa(chunk):
     """The CPU's explicit attention (small heads, fp32 inference) against the fused kernel: with and without the
-    shift bias, chunks that do and don't divide the windows."""
+    shift bias, chunks that do and don't divide the windows, a bias for the last windows of each image only."""
     from edtir.models.edt import windowed_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(10, 6, 144, 5, generator=g) for _ in range(3))
     bias = torch.where(torch.rand(10, 1, 144, 144, generator=g) < 0.3, -100.0, 0.0)
     for b in (None, bias):
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=0.4).transpose(1, 2)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=0.4)
         got = windowed_attention(q, k, v, b, 0.4, chunk=chunk)
-        assert got.shape == (10, 144, 6, 5) and (got - want).abs().max() < 1e-5
+        assert got.shape == (10, 6, 144, 5) and (got - want).abs().max() < 1e-5
+    tail = torch.zeros_like(bias)  # two images of 5 windows, the same bias from the fourth window of each
+    tail[3:5] = tail[8:10] = bias[3:5]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=tail, scale=0.4)
+    got = windowed_attention(q * 0.4, k, v, bias[3:5], chunk=chunk, bias_from=3, period=5)
+    assert (got - want).abs().max() < 1e-5
+    assert (got - F.scaled_dot_product_attention(q, k, v, scale=0.4)).abs().max() > 0.1  # the bias did count
+    wide = torch.randn(10, 6, 144, 16, generator=g)  # v wider than q and k, as EDT-T's on the CPU
+    want = torch.softmax(q @ k.transpose(-1, -2) * 0.4 + bias, -1) @ wide
+    assert (windowed_attention(q, k, wide, bias, 0.4, chunk=chunk) - want).abs().max() < 1e-5
 
 
 def test_explicit_attention_is_chosen_for_cpu_fp32_inference_only():

@@ -191,14 +191,18 @@ def tune_cpu_allocator() -> bool:
     return _allocator["tuned"]
 
 
-def head_pad(device: torch.device, head_dim: int) -> int:
-    """Head dim the fast path computes attention with. CUDA's fused kernels need a multiple of 8 (EDT has 5, 10,
-    15); on the CPU the flash kernel runs fastest at 16 (one AVX-512 register): EDT-B's attention takes a third
-    less time at 16 than at 15, EDT-T's a little less at 16 than at 5. Zero columns change no logit and no
-    output; they come out of the qkv projection (see :meth:`EDTBlock.qkv_weight`)."""
+def head_pad(device: torch.device, head_dim: int, explicit: bool = False) -> tuple[int, int]:
+    """Head dims (q and k, v) the fast path computes attention with. CUDA's fused kernels need a multiple of 8
+    (EDT has 5, 10, 15); on the CPU the flash kernel runs fastest at 16 (one AVX-512 register): EDT-B's attention
+    takes a third less time at 16 than at 15, EDT-T's a little less at 16 than at 5. The CPU's explicit
+    attention (:func:`windowed_attention`) pads EDT-T's q and k to 8 only: ``q kᵀ`` over 8 takes 0.6 of the time
+    over 16, while ``softmax · v`` wants v 16 wide (2.5x faster than 8), and the qkv projection comes out a third
+    narrower. Zero columns change no logit and no output; they come out of the qkv projection (see
+    :meth:`EDTBlock.qkv_weight`)."""
     if device.type == "cpu" and head_dim <= 16:
-        return 16
-    return -(-head_dim // 8) * 8
+        return (8, 16) if explicit and head_dim <= 8 else (16, 16)
+    pad = -(-head_dim // 8) * 8
+    return pad, pad
 
 
 #: CPU fp32 inference computes attention explicitly, a few windows at a time (:func:`windowed_attention`);
@@ -207,8 +211,8 @@ def head_pad(device: torch.device, head_dim: int) -> int:
 CPU_EXPLICIT_ATTENTION = os.environ.get("EDTIR_CPU_EXPLICIT_ATTENTION", "1") != "0"
 #: the largest head dim that goes the explicit way (EDT's are 5, 10 and 15, padded to 16 for either way)
 EXPLICIT_MAX_HEAD_DIM = 16
-#: window-heads per chunk of :func:`windowed_attention`: their logits (64 x 144 x 144 fp32, 5 MiB) stay in cache
-ATTENTION_CHUNK = 64
+#: window-heads per chunk of :func:`windowed_attention`: their logits (32 x 144 x 144 fp32, 2.5 MiB) stay in cache
+ATTENTION_CHUNK = 32
 
 
 def use_explicit_attention(x: torch.Tensor, head_dim: int) -> bool:
@@ -216,19 +220,34 @@ def use_explicit_attention(x: torch.Tensor, head_dim: int) -> bool:
             and x.dtype == torch.float32 and not torch.is_grad_enabled() and not exporting())
 
 
-def windowed_attention(q, k, v, bias, scale: float, chunk: int | None = None) -> torch.Tensor:
-    """softmax(q kᵀ·scale + bias) v for (windows, heads, N, d) q/k/v, a few windows at a time; returns
-    (windows, N, heads, d). On the CPU this beats torch's flash kernel, which costs about the same per logit
-    whatever the head dim (2.9 billion logits in an EDT-T pass at 264x264) and hardly gains from a second thread
-    at EDT's window sizes; the logits of a chunk stay in cache, and the products split across threads."""
-    nw, heads, n, d = q.shape
-    out = q.new_empty(nw, n, heads, d)
+def windowed_attention(q, k, v, bias=None, scale: float = 1.0, chunk: int | None = None, bias_from: int = 0,
+                       period: int | None = None) -> torch.Tensor:
+    """softmax(q kᵀ·scale + bias) v for (windows, heads, N, d) q/k/v (v may be wider than q and k), a few windows
+    at a time; returns (windows, heads, N, v's d). On the CPU this beats torch's flash kernel, which costs about
+    the same per logit whatever the head dim (2.9 billion logits in an EDT-T pass at 264x264) and hardly gains
+    from a second thread at EDT's window sizes; the logits of a chunk stay in cache, and the products split
+    across threads.
+
+    ``bias`` (one per window, broadcast over heads) need only cover the windows that have one: those at
+    positions ``bias_from`` and later within every ``period`` windows (one image of a batch); a shifted pass puts
+    its mixed windows last (:class:`WindowLayout`), so most windows skip the addition. With ``scale`` 1 (folded
+    into q) the logits take no extra pass; softmax runs in place and the second product writes into the output.
+    A contiguous copy of all of q/k/v first was slower (for EDT-T at 264x264 it moves 160 MB a block)."""
+    nw, heads, n, _ = q.shape
+    period = period or nw
+    out = v.new_empty(nw, heads, n, v.shape[-1])
     step = max(1, (chunk or ATTENTION_CHUNK) // heads)
-    for i in range(0, nw, step):
-        j = min(nw, i + step)
-        logits = torch.matmul(q[i:j], k[i:j].transpose(-1, -2))  # (w, heads, N, N)
-        logits = logits.mul_(scale) if bias is None else torch.add(bias[i:j], logits, alpha=scale)
-        out[i:j] = torch.matmul(logits.softmax(-1), v[i:j]).transpose(1, 2)
+    for start in range(0, nw, period):  # each image of a batch
+        for i in range(start, start + period, step):
+            j = min(start + period, i + step)
+            logits = torch.matmul(q[i:j], k[i:j].transpose(-1, -2))  # (w, heads, N, N)
+            if scale != 1.0:
+                logits.mul_(scale)
+            first = max(i, start + bias_from)  # the first window of the chunk with a bias
+            if bias is not None and first < j:
+                logits[first - i:] += bias[first - start - bias_from:j - start - bias_from]
+            torch._softmax(logits, -1, False, out=logits)  # in place: a row is read before it is written
+            torch.matmul(logits, v[i:j], out=out[i:j])
     return out
 
 
@@ -236,18 +255,31 @@ _onednn = {"ok": None}
 
 
 def _onednn_linear() -> bool:
-    """Whether this build has oneDNN's fused linear (``torch.ops.mkldnn._linear_pointwise``, what inductor uses
-    on the CPU) and it computes what the plain ops do; probed once."""
+    """Whether this build has oneDNN's fused linear and convolution (``torch.ops.mkldnn._linear_pointwise`` and
+    ``_convolution_pointwise``, what inductor uses on the CPU) and they compute what the plain ops do; probed
+    once."""
     if _onednn["ok"] is None:
         try:
             op = torch.ops.mkldnn._linear_pointwise
             x, w, b = torch.linspace(-1, 1, 6).view(2, 3), torch.linspace(-2, 1, 12).view(4, 3), torch.ones(4)
+            img, k = torch.linspace(-1, 1, 2 * 3 * 4 * 5).view(1, 2, 15, 4).permute(0, 3, 1, 2), torch.ones(4, 1, 3, 3)
+            conv = torch.ops.mkldnn._convolution_pointwise(img, k, b, [1, 1], [1, 1], [1, 1], 4, "gelu", [], "none")
             _onednn["ok"] = bool(torch.allclose(op(x, w, b, "gelu", [], "none"), F.gelu(F.linear(x, w, b)))
                                  and torch.allclose(op.binary(x, 2 * b.expand(2, 4), w, b, "add"),
-                                                    F.linear(x, w, b) + 2))
+                                                    F.linear(x, w, b) + 2)
+                                 and torch.allclose(conv, F.gelu(F.conv2d(img, k, b, padding=1, groups=4)),
+                                                    atol=1e-6))
         except (AttributeError, RuntimeError):
             _onednn["ok"] = False
     return _onednn["ok"]
+
+
+def onednn_inference(x: torch.Tensor) -> bool:
+    """Fast path, CPU, float32, no autograd, no autocast, not compiling or exporting: where oneDNN's fused ops
+    serve."""
+    return (_path[0] == "fast" and not exporting() and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and _onednn_linear())
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None,
@@ -260,8 +292,7 @@ def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False, residual: torc
     w = layer.weight if weight is None else weight
     b = layer.bias if bias is None else bias
     fast = _path[0] == "fast" and not exporting()
-    if (fast and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and _onednn_linear()):
+    if fast and onednn_inference(x):
         op = torch.ops.mkldnn._linear_pointwise
         if residual is not None and not gelu:
             return op.binary(x, residual, w, b, "add")
@@ -385,10 +416,14 @@ class WindowLayout:
     :meth:`EDTBlock.qkv_weight`). One gather (``index_select`` with ``gather[shifted]``) takes the rolled map
     straight to windows, ordered (window, branch, token): the two branches become one batch of equal windows,
     because the vertical branch reads its windows transposed. ``scatter[shifted]`` is the inverse permutation
-    (back to the map, rolled back, branches side by side as ``proj`` wants them). ``bias`` is the additive shift
-    mask in that order."""
+    (back to the map, rolled back, branches side by side as ``proj`` wants them).
 
-    def __init__(self, H, W, window: tuple[int, int], shift: tuple[int, int], device):
+    In a shifted pass only the windows along the bottom and right edges mix regions of the rolled map and need
+    the additive shift mask (Swin's -100); with ``sort`` (not when exporting) the gather puts them last, from
+    window row ``bias_from`` on, so the CPU's attention adds the mask to those windows only (a tenth of them for
+    a 264x264 map). The windows' order is free: each attends on its own and the scatter undoes the gather."""
+
+    def __init__(self, H, W, window: tuple[int, int], shift: tuple[int, int], device, sort: bool = True):
         wh, ww = window
         sh, sw = shift
         self.window = window
@@ -397,12 +432,32 @@ class WindowLayout:
             s_h, s_v = ((sh, sw), (sw, sh)) if shifted else ((0, 0), (0, 0))
             pos_h, lab_h = window_grid(H, W, (wh, ww), s_h, device)
             pos_v, lab_v = window_grid(H, W, (ww, wh), s_v, device, transposed=True)
+            first = 0
+            if shifted and sort:
+                (pos_h, lab_h, plain_h), (pos_v, lab_v, plain_v) = self._mixed_last(pos_h, lab_h), \
+                    self._mixed_last(pos_v, lab_v)
+                first = min(plain_h, plain_v)  # window pairs before it have no mask in either branch
             rows = torch.stack([pos_h * 2, pos_v * 2 + 1], dim=1)  # (nW, 2, N): source row (token, branch)
             self.gather.append(rows.reshape(-1))
-            self.scatter.append(self._inverse(H, W, window, s_h, s_v, device))
+            if shifted and sort:
+                inverse = torch.empty_like(self.gather[-1])
+                inverse[self.gather[-1]] = torch.arange(inverse.numel(), device=device)
+                self.scatter.append(inverse)
+            else:
+                self.scatter.append(self._inverse(H, W, window, s_h, s_v, device))
             if shifted:
-                self._bias = region_bias(torch.stack([lab_h, lab_v], dim=1)).flatten(0, 1).unsqueeze(1)
+                #: window rows (window, branch) of one image from which on the shift bias applies
+                self.bias_from = 2 * first
+                self._bias = region_bias(torch.stack([lab_h, lab_v], dim=1)[first:]).flatten(0, 1).unsqueeze(1)
+        self.windows = 2 * pos_h.shape[0]  # window rows per image
         self._batched_cache: dict[tuple, torch.Tensor | tuple] = {}
+
+    @staticmethod
+    def _mixed_last(pos: torch.Tensor, label: torch.Tensor):
+        """Windows (rows of ``pos``/``label``) reordered with the single-region ones first, and how many those are."""
+        mixed = label.ne(label[:, :1]).any(dim=1)
+        order = torch.cat([torch.nonzero(~mixed).flatten(), torch.nonzero(mixed).flatten()])
+        return pos[order], label[order], int((~mixed).sum())
 
     @staticmethod
     def _inverse(H, W, window, s_h, s_v, device) -> torch.Tensor:
@@ -441,16 +496,22 @@ class WindowLayout:
         return (offsets + index).reshape(-1)
 
     def bias(self, batch, dtype: torch.dtype) -> torch.Tensor:
-        """Shift bias (batch * nW * 2, 1, N, N) (broadcast over heads), cached per batch size and dtype."""
-        if exporting():  # ``batch`` may be a traced size: no Python test on it
+        """Shift bias (batch * nW * 2, 1, N, N) for every window row (broadcast over heads; zeros for the rows
+        before ``bias_from``), as the fused attention kernels take it; cached per batch size and dtype."""
+        def full():
             b = self._bias.to(dtype)
+            if self.bias_from:
+                b = torch.cat([b.new_zeros(self.bias_from, *b.shape[1:]), b])
             return b.unsqueeze(0).expand(batch, *b.shape).reshape(-1, *b.shape[1:])
 
-        def make():
-            b = self._bias.to(dtype)
-            return b.unsqueeze(0).expand(batch, *b.shape).reshape(-1, *b.shape[1:]) if batch > 1 else b
+        if exporting():  # ``batch`` may be a traced size: no Python test on it
+            return full()
+        return self._remember(("bias", batch, dtype), full)
 
-        return self._remember(("bias", batch, dtype), make)
+    def tail_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """Shift bias of one image's window rows from ``bias_from`` on: ((nW * 2 - bias_from), 1, N, N)."""
+        return self._bias if self._bias.dtype == dtype else self._remember(("tail", dtype),
+                                                                          lambda: self._bias.to(dtype))
 
 
 class LayoutCache:
@@ -463,7 +524,7 @@ class LayoutCache:
 
     def __call__(self, H, W, device) -> WindowLayout:
         if exporting():
-            return WindowLayout(H, W, self.window, self.shift, device)
+            return WindowLayout(H, W, self.window, self.shift, device, sort=False)
         key = (int(H), int(W), str(device))
         hit = self._cache.pop(key, None)
         if hit is None:
@@ -550,8 +611,13 @@ class AntiBlockingFFN(nn.Module):
             # bf16 inference: cuDNN's channels-last depthwise kernel took 2.8x PyTorch's NCHW one (copy included)
             # on an H200; fp32, training and the CPU are faster channels-last (benchmarks/dwconv_layouts.py)
             x = x.contiguous()
-        x = self.dwconv(x).permute(0, 2, 3, 1)
-        return linear(self.fc2, F.gelu(x), residual=residual)
+        if onednn_inference(x):  # the GELU fused into the conv (2 % of an EDT-B pass on 2 cores)
+            c = self.dwconv
+            x = torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, list(c.padding), list(c.stride),
+                                                        list(c.dilation), c.groups, "gelu", [], "none")
+        else:
+            x = F.gelu(self.dwconv(x))
+        return linear(self.fc2, x.permute(0, 2, 3, 1), residual=residual)
 
 
 class DropPath(nn.Module):
@@ -606,21 +672,28 @@ class EDTBlock(nn.Module):
                 outs.append(branch(part, None))
         return self.proj(torch.cat(outs, dim=-1))
 
-    def qkv_weight(self, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def qkv_weight(self, pads: tuple[int, int], scale_q: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``qkv``'s weight and bias with output rows in the fast path's per-token order (branch, q/k/v, head,
-        dim) and each head's dim zero-padded to ``pad``: the attention inputs come out of the projection ready."""
+        dim) and each head's dim zero-padded to ``pads`` (q and k, v): the attention inputs come out of the
+        projection ready; with ``scale_q`` the q rows are multiplied by the attention scale (a pass over the logits
+        fewer)."""
         w, b = self.qkv.weight, self.qkv.bias
         C, heads, d = w.shape[1], self.attns[0].heads, self.attns[0].head_dim
-        key = (pad, str(w.device))
+        key = (pads, str(w.device))
         if key not in self._perms:
+            order = [(t * C + br * (C // 2) + h * d + j if j < d else 3 * C, t == 0)
+                     for br in range(2) for t in range(3) for h in range(heads) for j in range(pads[t == 2])]
             with torch.inference_mode(False):
-                self._perms[key] = torch.tensor(
-                    [t * C + br * (C // 2) + h * d + j if j < d else 3 * C
-                     for br in range(2) for t in range(3) for h in range(heads) for j in range(pad)],
-                    device=w.device)
-        if pad != d:  # row 3C is zeros
+                self._perms[key] = (torch.tensor([i for i, _ in order], device=w.device),
+                                    torch.tensor([q for _, q in order], device=w.device))
+        index, q_rows = self._perms[key]
+        if max(pads) != d:  # row 3C is zeros
             w, b = torch.cat([w, w.new_zeros(1, C)]), torch.cat([b, b.new_zeros(1)])
-        return w.index_select(0, self._perms[key]), b.index_select(0, self._perms[key])
+        w, b = w.index_select(0, index), b.index_select(0, index)
+        if scale_q:
+            s = torch.where(q_rows, self.attns[0].scale, 1.0).to(w.dtype)
+            w, b = w * s[:, None], b * s
+        return w, b
 
     def attention_fast(self, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
         """Both branches in one pass: one gather from the (rolled) map to windows, one attention call over the
@@ -631,17 +704,20 @@ class EDTBlock(nn.Module):
         heads, d, half = a.heads, a.head_dim, C // 2
         (wh, ww), n = layout.window, layout.window[0] * layout.window[1]
         explicit = use_explicit_attention(x, d)
-        dp = head_pad(x.device, d)
-        w, b = self.qkv_weight(dp)
-        qkv = linear(self.qkv, x, weight=w, bias=b)  # (B, H, W, [branch, q/k/v, head, dp])
+        pk, pv = head_pad(x.device, d, explicit)
+        w, b = self.qkv_weight((pk, pv), scale_q=explicit)
+        qkv = linear(self.qkv, x, weight=w, bias=b)  # (B, H, W, [branch, q/k/v, head, padded dim])
         gather, scatter = layout.indices(B, self.shifted)
-        rows = permute_rows(qkv.reshape(-1, 3 * heads * dp), gather, scatter)  # (B * nW * 2 * N, 3 * heads * dp)
-        q, k, v = rows.view(-1, n, 3, heads, dp).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW*2, heads, N, dp)
-        mask = layout.bias(B, q.dtype) if self.shifted else None
-        if explicit:
-            out = windowed_attention(q, k, v, mask, a.scale)  # (B*nW*2, N, heads, d)
+        width = heads * (2 * pk + pv)  # per token and branch
+        rows = permute_rows(qkv.reshape(-1, width), gather, scatter).view(-1, n, width)  # (B * nW * 2, N, width)
+        q, k, v = (part.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B * nW * 2, heads, N, pk or pv)
+                   for part in rows.split([heads * pk, heads * pk, heads * pv], dim=-1))
+        if explicit:  # q comes pre-scaled; the mask goes to the windows that have one
+            out = windowed_attention(q, k, v, layout.tail_bias(q.dtype) if self.shifted else None,
+                                     bias_from=layout.bias_from, period=layout.windows)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scale).transpose(1, 2)
+            mask = layout.bias(B, q.dtype) if self.shifted else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scale)
         # LePE of both branches as one grouped conv over windows seen as wh x ww images (the vertical branch's
         # windows are transposed, so its kernel is too)
         bw = q.shape[0] // 2
@@ -649,7 +725,11 @@ class EDTBlock(nn.Module):
         w_l = torch.cat([a.lepe.weight, self.attns[1].lepe.weight.transpose(-1, -2)])
         b_l = torch.cat([a.lepe.bias, self.attns[1].lepe.bias])
         lepe = F.conv2d(img, w_l, b_l, padding=1, groups=C).view(2 * bw, heads, d, n).permute(0, 3, 1, 2)
-        out = (out[..., :d] + lepe).reshape(-1, half)  # (B * nW * 2 * N, half)
+        out = out[..., :d].transpose(1, 2)  # (B*nW*2, N, heads, d)
+        if out.requires_grad or lepe.requires_grad or exporting():
+            out = (out + lepe).reshape(-1, half)
+        else:  # written straight in the (window, token) row order the gather back reads
+            out = torch.add(out, lepe, out=out.new_empty(out.shape)).view(-1, half)
         out = permute_rows(out, scatter, gather)  # (B * H * W * 2, half): [horizontal | vertical] per pixel
         return out.view(B, H, W, C)  # before ``proj``
 
