@@ -209,7 +209,7 @@ def head_pad(device: torch.device, head_dim: int, explicit: bool = False) -> tup
 #: False (or EDTIR_CPU_EXPLICIT_ATTENTION=0) sends it to the flash kernel as everywhere else.
 #: ``benchmarks/cpu_attention.py`` measures both.
 CPU_EXPLICIT_ATTENTION = os.environ.get("EDTIR_CPU_EXPLICIT_ATTENTION", "1") != "0"
-#: the largest head dim that goes the explicit way (EDT's are 5, 10 and 15, padded to 16 for either way)
+#: the largest head dim that goes the explicit way (EDT's are 5, 10 and 15; see :func:`head_pad` for their padding)
 EXPLICIT_MAX_HEAD_DIM = 16
 #: window-heads per chunk of :func:`windowed_attention`: their logits (32 x 144 x 144 fp32, 2.5 MiB) stay in cache
 ATTENTION_CHUNK = 32
