@@ -270,7 +270,31 @@ def test_windowed_attention_equals_sdpa(chunk):
     assert (windowed_attention(q, k, wide, bias, 0.4, chunk=chunk) - want).abs().max() < 1e-5
 
 
-def test_explicit_attention_is_chosen_for_cpu_fp32_inference_only():
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_windowed_attention_gradients(chunk):
+    """The training form (the backward recomputes the probabilities per chunk) against autograd through the plain
+    formula, in float64: q, k and a wider v, a bias on the last windows of each of two images."""
+    from edtir.models.edt import windowed_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(6, 2, 12, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(6, 2, 12, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.where(torch.rand(1, 1, 12, 12, generator=g) < 0.3, -100.0, 0.0).double()
+    full = torch.zeros(6, 1, 12, 12, dtype=torch.float64)
+    full[2] = full[5] = bias[0]  # two images of 3 windows, a bias on the third window of each
+    d_out = torch.randn(6, 2, 12, 5, generator=g, dtype=torch.float64)
+    got = windowed_attention(q, k, v, bias, 0.7, chunk=chunk, bias_from=2, period=3)
+    grads = torch.autograd.grad(got, (q, k, v), d_out)
+    want = torch.softmax(q @ k.transpose(-1, -2) * 0.7 + full, -1) @ v
+    wants = torch.autograd.grad(want, (q, k, v), d_out)
+    assert (got - want).abs().max() < 1e-12
+    for a, b in zip(grads, wants, strict=True):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-12
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: windowed_attention(q, k, v, bias, 0.7, chunk=chunk, bias_from=2, period=3), (q, k, v))
+
+
+def test_explicit_attention_is_chosen_for_cpu_fp32():
     from edtir.models import edt
 
     x = torch.zeros(1, 2, 2, 60)
@@ -278,7 +302,9 @@ def test_explicit_attention_is_chosen_for_cpu_fp32_inference_only():
         assert all(edt.use_explicit_attention(x, d) for d in (5, 10, 15))  # EDT's head dims
         assert not edt.use_explicit_attention(x, 32)
         assert not edt.use_explicit_attention(x.bfloat16(), 5)
-    assert not edt.use_explicit_attention(x, 5)  # gradients: the fused kernel (and its backward)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not edt.use_explicit_attention(x, 5)
+    assert edt.use_explicit_attention(x, 5)  # training too (its own backward)
     model = edt.build_model("T", ["sr-x2"], depths=(2,)).eval()
     img = torch.rand(1, 3, 48, 72)
     with torch.no_grad():

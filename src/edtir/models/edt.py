@@ -194,10 +194,11 @@ def tune_cpu_allocator() -> bool:
 def head_pad(device: torch.device, head_dim: int, explicit: bool = False) -> tuple[int, int]:
     """Head dims (q and k, v) the fast path computes attention with. CUDA's fused kernels need a multiple of 8
     (EDT has 5, 10, 15); on the CPU the flash kernel runs fastest at 16 (one AVX-512 register): EDT-B's attention
-    takes a third less time at 16 than at 15, EDT-T's a little less at 16 than at 5. The CPU's explicit
-    attention (:func:`windowed_attention`) pads EDT-T's q and k to 8 only: ``q kᵀ`` over 8 takes 0.6 of the time
-    over 16, while ``softmax · v`` wants v 16 wide (2.5x faster than 8), and the qkv projection comes out a third
-    narrower. Zero columns change no logit and no output; they come out of the qkv projection (see
+    takes a third less time at 16 than at 15, EDT-T's a little less at 16 than at 5. In inference the CPU's
+    explicit attention (:func:`windowed_attention`, ``explicit``) pads EDT-T's q and k to 8 only: ``q kᵀ`` over 8
+    takes 0.6 of the time over 16, while ``softmax · v`` wants v 16 wide (2.5x faster than 8), and the qkv
+    projection comes out a third narrower. (Training keeps 16: its backward forms dq and dk, products as narrow
+    as q and k.) Zero columns change no logit and no output; they come out of the qkv projection (see
     :meth:`EDTBlock.qkv_weight`)."""
     if device.type == "cpu" and head_dim <= 16:
         return (8, 16) if explicit and head_dim <= 8 else (16, 16)
@@ -216,8 +217,22 @@ ATTENTION_CHUNK = 32
 
 
 def use_explicit_attention(x: torch.Tensor, head_dim: int) -> bool:
+    """CPU, float32 (no autocast), not exporting: inference and training (whose backward recomputes the
+    probabilities chunk by chunk, :class:`_WindowedAttentionGrad`)."""
     return (CPU_EXPLICIT_ATTENTION and head_dim <= EXPLICIT_MAX_HEAD_DIM and x.device.type == "cpu"
-            and x.dtype == torch.float32 and not torch.is_grad_enabled() and not exporting())
+            and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and not exporting())
+
+
+def _chunks(nw: int, heads: int, chunk: int | None, bias_from: int, period: int | None):
+    """(i, j, b0, b1) per chunk of windows: the chunk is windows [i, j); its windows [i + b0, j) take the shift
+    bias, rows [b1 - (j - i - b0), b1) of the per-image tail bias (``b0 == j - i`` when none)."""
+    period = period or nw
+    step = max(1, (chunk or ATTENTION_CHUNK) // heads)
+    for start in range(0, nw, period):  # each image of a batch
+        for i in range(start, min(nw, start + period), step):
+            j = min(start + period, i + step)
+            first = max(i, start + bias_from)  # the first window of the chunk with a bias
+            yield i, j, min(first, j) - i, j - start - bias_from
 
 
 def windowed_attention(q, k, v, bias=None, scale: float = 1.0, chunk: int | None = None, bias_from: int = 0,
@@ -226,29 +241,63 @@ def windowed_attention(q, k, v, bias=None, scale: float = 1.0, chunk: int | None
     at a time; returns (windows, heads, N, v's d). On the CPU this beats torch's flash kernel, which costs about
     the same per logit whatever the head dim (2.9 billion logits in an EDT-T pass at 264x264) and hardly gains
     from a second thread at EDT's window sizes; the logits of a chunk stay in cache, and the products split
-    across threads.
+    across threads. With autograd (training) the backward recomputes each chunk's probabilities instead of
+    keeping them (:class:`_WindowedAttentionGrad`).
 
     ``bias`` (one per window, broadcast over heads) need only cover the windows that have one: those at
     positions ``bias_from`` and later within every ``period`` windows (one image of a batch); a shifted pass puts
     its mixed windows last (:class:`WindowLayout`), so most windows skip the addition. With ``scale`` 1 (folded
     into q) the logits take no extra pass; softmax runs in place and the second product writes into the output.
     A contiguous copy of all of q/k/v first was slower (for EDT-T at 264x264 it moves 160 MB a block)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if scale != 1.0:
+            q = q * scale
+        return _WindowedAttentionGrad.apply(q, k, v, bias, chunk, bias_from, period)
     nw, heads, n, _ = q.shape
-    period = period or nw
     out = v.new_empty(nw, heads, n, v.shape[-1])
-    step = max(1, (chunk or ATTENTION_CHUNK) // heads)
-    for start in range(0, nw, period):  # each image of a batch
-        for i in range(start, start + period, step):
-            j = min(start + period, i + step)
-            logits = torch.matmul(q[i:j], k[i:j].transpose(-1, -2))  # (w, heads, N, N)
-            if scale != 1.0:
-                logits.mul_(scale)
-            first = max(i, start + bias_from)  # the first window of the chunk with a bias
-            if bias is not None and first < j:
-                logits[first - i:] += bias[first - start - bias_from:j - start - bias_from]
-            torch._softmax(logits, -1, False, out=logits)  # in place: a row is read before it is written
-            torch.matmul(logits, v[i:j], out=out[i:j])
+    for i, j, b0, b1 in _chunks(nw, heads, chunk, bias_from, period):
+        logits = _probabilities(q[i:j], k[i:j], bias, b0, b1, scale)
+        torch.matmul(logits, v[i:j], out=out[i:j])
     return out
+
+
+def _probabilities(q, k, bias, b0: int, b1: int, scale: float = 1.0) -> torch.Tensor:
+    """softmax(q kᵀ·scale + bias) for one chunk, in one buffer (see :func:`_chunks` for b0, b1)."""
+    logits = torch.matmul(q, k.transpose(-1, -2))  # (w, heads, N, N)
+    if scale != 1.0:
+        logits.mul_(scale)
+    if bias is not None and b0 < len(logits):
+        logits[b0:] += bias[b1 - (len(logits) - b0):b1]
+    return torch._softmax(logits, -1, False, out=logits)  # in place: a row is read before it is written
+
+
+class _WindowedAttentionGrad(torch.autograd.Function):
+    """:func:`windowed_attention` for training on the CPU. The forward keeps q, k, v and the output, not the
+    probabilities (EDT-T, batch 64 at 48x48: 0.76 GB a block); the backward recomputes them a chunk at a time
+    and forms the gradients there: dv = Pᵀ dO, dS = P (dO vᵀ - rowsum(dO O)), dq = dS k, dk = dSᵀ q. torch's CPU
+    flash kernel took 10.7 ns per logit for forward and backward together (EDT-T, batch 4, patch 48)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, chunk, bias_from, period):
+        out = windowed_attention(q.detach(), k.detach(), v.detach(), bias, 1.0, chunk, bias_from, period)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.bias, ctx.plan = bias, (chunk, bias_from, period)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out = ctx.saved_tensors
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # each is read twice below: one copy, not two
+        chunk, bias_from, period = ctx.plan
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        row = (d_out * out).sum(-1, keepdim=True)  # (windows, heads, N, 1): rowsum(dO O) = rowsum(dP P)
+        for i, j, b0, b1 in _chunks(q.shape[0], q.shape[1], chunk, bias_from, period):
+            p = _probabilities(q[i:j], k[i:j], ctx.bias, b0, b1)
+            torch.matmul(p.transpose(-1, -2), d_out[i:j], out=dv[i:j])
+            ds = torch.matmul(d_out[i:j], v[i:j].transpose(-1, -2)).sub_(row[i:j]).mul_(p)
+            torch.matmul(ds, k[i:j], out=dq[i:j])
+            torch.matmul(ds.transpose(-1, -2), q[i:j], out=dk[i:j])
+        return dq, dk, dv, None, None, None, None
 
 
 _onednn = {"ok": None}
@@ -704,7 +753,7 @@ class EDTBlock(nn.Module):
         heads, d, half = a.heads, a.head_dim, C // 2
         (wh, ww), n = layout.window, layout.window[0] * layout.window[1]
         explicit = use_explicit_attention(x, d)
-        pk, pv = head_pad(x.device, d, explicit)
+        pk, pv = head_pad(x.device, d, explicit and not torch.is_grad_enabled())
         w, b = self.qkv_weight((pk, pv), scale_q=explicit)
         qkv = linear(self.qkv, x, weight=w, bias=b)  # (B, H, W, [branch, q/k/v, head, padded dim])
         gather, scatter = layout.indices(B, self.shifted)
