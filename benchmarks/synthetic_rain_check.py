@@ -2,7 +2,7 @@
 before and after the model: tells an under-trained head (no gain here either) from a gap between our synthetic
 rain and Rain100L/H (a gain here, none there).
 
-    python benchmarks/synthetic_rain_check.py [--model edt-t-multi-291] [--images 6] [--crop 256]
+    python benchmarks/synthetic_rain_check.py [--model edt-t-multi-291 | --weights FILE] [--images 6] [--crop 256]
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Kodak24"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="edt-t-multi-291")
+    ap.add_argument("--weights", help="a checkpoint instead of a bundled model")
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--crop", type=int, default=256)
     args = ap.parse_args()
-    model = zoo.get_model(args.model)
+    model = zoo.get_model(args.model, weights=args.weights)
+    name = args.weights or args.model
     files = list_images(DATA)[: args.images]
-    print(f"# {args.model}; synthetic rain (seed = image index) over {len(files)} Kodak24 crops of "
+    print(f"# {name}; synthetic rain (seed = image index) over {len(files)} Kodak24 crops of "
           f"{args.crop}x{args.crop}; PSNR on Y, dB")
     print(f"{'task':<14}{'rainy input':>12}{'model':>10}")
     for kind in ("light", "heavy"):

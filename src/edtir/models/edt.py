@@ -256,8 +256,7 @@ def windowed_attention(q, k, v, bias=None, scale: float = 1.0, chunk: int | None
     nw, heads, n, _ = q.shape
     out = v.new_empty(nw, heads, n, v.shape[-1])
     for i, j, b0, b1 in _chunks(nw, heads, chunk, bias_from, period):
-        logits = _probabilities(q[i:j], k[i:j], bias, b0, b1, scale)
-        torch.matmul(logits, v[i:j], out=out[i:j])
+        torch.matmul(_probabilities(q[i:j], k[i:j], bias, b0, b1, scale), v[i:j], out=out[i:j])
     return out
 
 
@@ -273,9 +272,9 @@ def _probabilities(q, k, bias, b0: int, b1: int, scale: float = 1.0) -> torch.Te
 
 class _WindowedAttentionGrad(torch.autograd.Function):
     """:func:`windowed_attention` for training on the CPU. The forward keeps q, k, v and the output, not the
-    probabilities (EDT-T, batch 64 at 48x48: 0.76 GB a block); the backward recomputes them a chunk at a time
-    and forms the gradients there: dv = Pᵀ dO, dS = P (dO vᵀ - rowsum(dO O)), dq = dS k, dk = dSᵀ q. torch's CPU
-    flash kernel took 10.7 ns per logit for forward and backward together (EDT-T, batch 4, patch 48)."""
+    probabilities (EDT-T, batch 64 at 48x48: about 1 GB a block); the backward recomputes them a chunk at a
+    time and forms the gradients there: dv = Pᵀ dO, dS = P (dO vᵀ - rowsum(dO O)), dq = dS k, dk = dSᵀ q.
+    ``benchmarks/train_speed.py --compare-attention`` times it against torch's fused kernel."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, chunk, bias_from, period):
