@@ -16,23 +16,18 @@ import numpy as np
 import torch
 
 from edtir import zoo
+from edtir.data.datasets import to_tensor
 from edtir.data.degrade import add_rain
-from edtir.data.io import list_images, read_image
-from edtir.metrics import psnr, rgb_to_y
+from edtir.data.io import list_images, read_image, tensor_to_uint8
+from edtir.metrics import psnr
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-
-
 def mean_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(np.mean([psnr(rgb_to_y(u), rgb_to_y(v)) for u, v in zip(to_uint8(a), to_uint8(b), strict=True)]))
+    """Mean PSNR on Y over a batch, each image rounded to uint8 first (the field's convention)."""
+    return float(np.mean([psnr(tensor_to_uint8(u), tensor_to_uint8(v), y_channel=True)
+                          for u, v in zip(a, b, strict=True)]))
 
 
 def main() -> int:
