@@ -30,6 +30,21 @@ def median_ms(f, repeats: int = 10) -> float:
     return statistics.median(times) * 1e3
 
 
+def interleaved(model, x, ways: dict, rounds: int) -> tuple[dict, dict]:
+    """``model(x)`` under each way in turn (``ways``: name -> a function that switches to it), for a warm-up round
+    and ``rounds`` more; returns the times of the timed rounds and the last output, per way. The caller puts the
+    switches back."""
+    times, outs = {w: [] for w in ways}, {}
+    with torch.inference_mode():
+        for _ in range(rounds + 1):
+            for way, switch in ways.items():
+                switch()
+                t0 = time.perf_counter()
+                outs[way] = model(x)
+                times[way].append(time.perf_counter() - t0)
+    return {w: t[1:] for w, t in times.items()}, outs
+
+
 def blocks() -> None:
     """The attention of one block alone, random q/k/v: an EDT-T block at 264x264 (968 windows x 6 heads of 144
     tokens) at head dims 5, 8, 16, and an EDT-B block at 72x72 (72 windows x 6 heads, head dim 16), on 1 and 2
@@ -63,20 +78,14 @@ def pads(args) -> None:
         torch.manual_seed(0)
         model = E.build_model(size, ["sr-x2"]).eval()
         x = torch.rand(1, 3, int(side), int(side))
-        times, outs = {w: [] for w in ways}, {}
         try:
-            with torch.inference_mode():
-                for _ in range(args.rounds + 1):
-                    for way, f in ways.items():
-                        E.head_pad = f
-                        t0 = time.perf_counter()
-                        outs[way] = model(x)
-                        times[way].append(time.perf_counter() - t0)
+            times, outs = interleaved(model, x, {w: lambda f=f: setattr(E, "head_pad", f) for w, f in ways.items()},
+                                      args.rounds)
         finally:
             E.head_pad = chosen
         for way, t in times.items():
             diff = (outs[way] - outs["q,k 8 (default)"]).abs().max().item()
-            print(f"EDT-{size} {side}x{side}  {way:<18}{statistics.median(t[1:]):8.3f} ({min(t[1:]):.3f})"
+            print(f"EDT-{size} {side}x{side}  {way:<18}{statistics.median(t):8.3f} ({min(t):.3f})"
                   f"   max |diff| {diff:.1e}", flush=True)
 
 
@@ -107,20 +116,15 @@ def main() -> int:
         model = E.build_model(size, ["sr-x2"]).eval()
         x = torch.rand(1, 3, int(side), int(side))
         head_dim = model.cfg.embed_dim // 2 // model.cfg.heads
-        times, outs = {"flash": [], "explicit": []}, {}
         old = E.EXPLICIT_MAX_HEAD_DIM, E.CPU_EXPLICIT_ATTENTION
         E.EXPLICIT_MAX_HEAD_DIM = 1 << 30  # both ways for every size here
         try:
-            with torch.inference_mode():
-                for _ in range(args.rounds + 1):
-                    for way in ("flash", "explicit"):
-                        E.CPU_EXPLICIT_ATTENTION = way == "explicit"
-                        t0 = time.perf_counter()
-                        outs[way] = model(x)
-                        times[way].append(time.perf_counter() - t0)
+            ways = {w: lambda on=(w == "explicit"): setattr(E, "CPU_EXPLICIT_ATTENTION", on)
+                    for w in ("flash", "explicit")}
+            times, outs = interleaved(model, x, ways, args.rounds)
         finally:
             E.EXPLICIT_MAX_HEAD_DIM, E.CPU_EXPLICIT_ATTENTION = old
-        f, e = (times[w][1:] for w in ("flash", "explicit"))
+        f, e = times["flash"], times["explicit"]
         cell = lambda t: f"{statistics.median(t):.3f} ({min(t):.3f})"  # noqa: E731
         diff = (outs["flash"] - outs["explicit"]).abs().max().item()
         print(f"EDT-{size:<4}{side + 'x' + side:>8}{head_dim:>10}{cell(f):>18}{cell(e):>18}"
