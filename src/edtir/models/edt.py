@@ -340,7 +340,7 @@ def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False, residual: torc
     w = layer.weight if weight is None else weight
     b = layer.bias if bias is None else bias
     fast = _path[0] == "fast" and not exporting()
-    if fast and onednn_inference(x):
+    if onednn_inference(x):
         op = torch.ops.mkldnn._linear_pointwise
         if residual is not None and not gelu:
             return op.binary(x, residual, w, b, "add")
@@ -480,19 +480,17 @@ class WindowLayout:
             s_h, s_v = ((sh, sw), (sw, sh)) if shifted else ((0, 0), (0, 0))
             pos_h, lab_h = window_grid(H, W, (wh, ww), s_h, device)
             pos_v, lab_v = window_grid(H, W, (ww, wh), s_v, device, transposed=True)
-            first = 0
-            if shifted and sort:
+            first, sorted_ = 0, shifted and sort
+            if sorted_:
                 (pos_h, lab_h, plain_h), (pos_v, lab_v, plain_v) = self._mixed_last(pos_h, lab_h), \
                     self._mixed_last(pos_v, lab_v)
                 first = min(plain_h, plain_v)  # window pairs before it have no mask in either branch
-            rows = torch.stack([pos_h * 2, pos_v * 2 + 1], dim=1)  # (nW, 2, N): source row (token, branch)
-            self.gather.append(rows.reshape(-1))
-            if shifted and sort:
-                inverse = torch.empty_like(self.gather[-1])
-                inverse[self.gather[-1]] = torch.arange(inverse.numel(), device=device)
-                self.scatter.append(inverse)
-            else:
-                self.scatter.append(self._inverse(H, W, window, s_h, s_v, device))
+            rows = torch.stack([pos_h * 2, pos_v * 2 + 1], dim=1).reshape(-1)  # source row (token, branch)
+            self.gather.append(rows)
+            # the natural order has a closed-form inverse (tensor ops on a traced shape, for export); a sorted one
+            # is inverted by assignment
+            self.scatter.append(torch.empty_like(rows).index_put_((rows,), torch.arange(rows.numel(), device=device))
+                                if sorted_ else self._inverse(H, W, window, s_h, s_v, device))
             if shifted:
                 #: window rows (window, branch) of one image from which on the shift bias applies
                 self.bias_from = 2 * first
