@@ -9,6 +9,7 @@ that cannot even overfit them has an optimisation problem, not a data-gap one.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from edtir import zoo
 from edtir.data.datasets import to_tensor
 from edtir.data.degrade import add_rain
 from edtir.data.io import list_images, read_image, tensor_to_uint8
+from edtir.errors import EdtirError
 from edtir.metrics import psnr
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -74,4 +76,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except EdtirError as e:  # a missing or damaged checkpoint, an unknown model: one line, not a traceback
+        print(f"{Path(__file__).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -8,6 +8,7 @@ rain and Rain100L/H (a gain here, none there).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import edtir
 from edtir import zoo
 from edtir.data.degrade import add_rain
 from edtir.data.io import list_images, read_image
+from edtir.errors import EdtirError
 from edtir.metrics import psnr, rgb_to_y
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Kodak24"
@@ -50,4 +52,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except EdtirError as e:  # a missing or damaged checkpoint, an unknown model: one line, not a traceback
+        print(f"{Path(__file__).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
