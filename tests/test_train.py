@@ -56,6 +56,26 @@ def assert_same_weights(a: Path, b: Path):
 
 # ---------------------------------------------------------------------------------------------------------------
 
+def test_loss_per_task_l1_or_l2():
+    """``train.losses`` picks each task's pixel loss; the total is their weighted sum."""
+    torch.manual_seed(0)
+    model = build_model("T", ["sr-x2", "denoise-15"], drop_path=0.0)
+    x2, y2 = torch.rand(1, 3, 24, 24), torch.rand(1, 3, 48, 48)
+    xd, yd = torch.rand(1, 3, 96, 96), torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        e2, ed = model(x2, task="sr-x2") - y2, model(xd, task="denoise-15") - yd
+        l1, l2 = e2.abs().mean().item(), ed.square().mean().item()
+        assert ed.abs().mean().item() > 1.5 * l2 and e2.square().mean().item() < l1 / 1.5  # the two differ here
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+    loss, losses = train_step(MultiTaskStep(model), {"sr-x2": (x2, y2), "denoise-15": (xd, yd)}, opt,
+                              {"sr-x2": 1.0, "denoise-15": 2.0}, torch.device("cpu"), False, None, params,
+                              {"sr-x2": "l1", "denoise-15": "l2"})
+    assert losses["sr-x2"].item() == pytest.approx(l1, rel=1e-5)
+    assert losses["denoise-15"].item() == pytest.approx(l2, rel=1e-5)
+    assert loss.item() == pytest.approx(l1 + 2 * l2, rel=1e-5)
+
+
 @needs_t91
 def test_loss_falls(tmp_path):
     """Held-out patches (never drawn in training) score better after 15 steps than at initialisation."""

@@ -37,6 +37,9 @@ def test_unknown_key_names_full_path(raw, key):
     (base(data={"sr-x2": {"folders": "x"}}), "data.sr-x2.folders"),
     (base(train={"weights": {"sr-x2": "heavy"}}), "train.weights.sr-x2"),
     (base(model={"tasks": ["sr-x5"]}), r"model.tasks\[0\]"),
+    (base(train={"loss": "l3"}), "train.loss: unknown loss 'l3'"),
+    (base(train={"losses": {"sr-x2": "huber"}}), "train.losses.sr-x2: unknown loss"),
+    (base(train={"losses": {"sr-x3": "l2"}}), "train.losses.sr-x3: not a task"),
 ])
 def test_wrong_type_or_value_names_key(raw, key):
     with pytest.raises(ConfigError, match=f"^{key}"):

@@ -67,6 +67,7 @@ def test_models_command(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert name in out and "bicubic" in out and "identity" in out
+    assert all(f"  {n}  " in out for n in reg)  # a long name still leaves a gap before its arch column
     assert f"Set5 {reg[name]['scores']['sr-x2']['Set5']['psnr']:.2f}/" in out
     assert main(["models", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

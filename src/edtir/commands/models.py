@@ -68,16 +68,17 @@ def run(args) -> int:
     print(f"bundled models ({folder}):")
     if not reg:
         print("  none")
-    print(f"  {'name':<22}{'arch':<7}{'params':>11}{'file':>10}  {'tasks':<30}default for")
+    w = max([22, *(len(n) + 2 for n in reg), *(len(n) + 2 for n in BASELINES)])  # names never touch the next column
+    print(f"  {'name':<{w}}{'arch':<7}{'params':>11}{'file':>10}  {'tasks':<30}default for")
     for name, e in reg.items():
         default = ("all its tasks" if e["default_for"] and set(e["default_for"]) == set(e["tasks"])
                    else ",".join(e["default_for"]) or "-")
-        print(f"  {name:<22}{e['arch']:<7}{e['params']:>11,}{_mb(e, folder):>10}  {','.join(e['tasks']):<30} "
+        print(f"  {name:<{w}}{e['arch']:<7}{e['params']:>11,}{_mb(e, folder):>10}  {','.join(e['tasks']):<30} "
               f"{default}")
         print("\n".join(_scores(e)))
     print("baselines (no weights):")
     for name, desc in BASELINES.items():
-        print(f"  {name:<22}{desc}")
+        print(f"  {name:<{w}}{desc}")
     missing = [t for t in TASKS if t not in defaults]
     print("tasks without a default bundled model: " + (", ".join(missing) if missing else "none"))
     print("scores: PSNR dB / SSIM by `edtir eval` (Y channel for SR and deraining, RGB for denoising); "

@@ -1,7 +1,8 @@
 """The training loop: single-task and multi-task pre-training and fine-tuning, in one readable function.
 
 One step = one batch per task; every task's head output goes through the shared body in one pass
-(``EDT.forward_multi``), one L1 loss per task, summed with the configured weights; Adam and a MultiStepLR
+(``EDT.forward_multi``), one pixel loss per task (L1 unless ``train.loss``/``train.losses`` say L2), summed with
+the configured weights; Adam and a MultiStepLR
 (fine-tuning: no milestones, so a constant LR); bf16 autocast on the GPU; optional gradient clipping and EMA.
 
 Exact resume: the data of a step is a pure function of (seed, step, rank) (``edtir.data.datasets``), torch's
@@ -60,15 +61,21 @@ def make_model(cfg: Config) -> EDT:
     return build_model(m.size, m.tasks, **overrides)
 
 
+def pixel_loss(name: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(output, target) if name == "l1" else F.mse_loss(output, target)
+
+
 def train_step(step_module, batch, optimizer, weights: dict[str, float], device: torch.device, bf16: bool,
-               grad_clip: float | None, params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               grad_clip: float | None, params, losses_by_task: dict[str, str] | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step on ``{task: (inputs, targets)}``; returns (total loss, loss per task), detached
     tensors (no GPU sync here: ``.item()`` them only when logging)."""
     inputs = {t: x.to(device, non_blocking=True) for t, (x, _) in batch.items()}
     targets = {t: y.to(device, non_blocking=True) for t, (_, y) in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         outputs = step_module(inputs)
-    losses = {t: F.l1_loss(outputs[t].float(), targets[t]) for t in targets}
+    kinds = losses_by_task or {}
+    losses = {t: pixel_loss(kinds.get(t, "l1"), outputs[t].float(), targets[t]) for t in targets}
     loss = sum(weights[t] * losses[t] for t in losses)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -238,6 +245,7 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
                          world=info.world_size, workers=t.workers, pin_memory=dev.type == "cuda")
     bf16 = t.precision == "bf16" or (t.precision == "auto" and dev.type == "cuda")
     weights = {task: float(t.weights.get(task, 1.0)) for task in cfg.model.tasks}
+    loss_kinds = {task: t.losses.get(task, t.loss) for task in cfg.model.tasks}
 
     out_model = lambda: ema.module if ema is not None else model  # noqa: E731 - the weights we publish
     mon = Monitor(out, cfg, start, info.is_main, progress)
@@ -291,7 +299,8 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
         stop.arm()  # from here a first SIGINT/SIGTERM ends the step, saves and stops
         for step, batch in enumerate(loader, start=start + 1):
             torch.manual_seed(state.step_seed(t.seed, step, info.rank))  # drop path: a function of the step
-            loss, losses = train_step(step_module, batch, optimizer, weights, dev, bf16, t.grad_clip, params)
+            loss, losses = train_step(step_module, batch, optimizer, weights, dev, bf16, t.grad_clip, params,
+                                      loss_kinds)
             scheduler.step()
             if ema is not None:
                 ema.update(model, step if t.ema_warmup else None)
