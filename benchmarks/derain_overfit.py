@@ -11,7 +11,6 @@ L1 the light head stays at its rainy input, with L2 it fits (the reason ``train.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +21,10 @@ from edtir import zoo
 from edtir.data.datasets import to_tensor
 from edtir.data.degrade import add_rain
 from edtir.data.io import list_images, read_image, tensor_to_uint8
-from edtir.errors import EdtirError
+from edtir.errors import run_script
 from edtir.metrics import psnr
+from edtir.train.config import LOSSES
+from edtir.train.loop import pixel_loss
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -42,7 +43,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--crop", type=int, default=192)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--loss", choices=("l1", "l2"), default="l1",
+    ap.add_argument("--loss", choices=LOSSES, default="l1",
                     help="pixel loss: l1 (the trainer's default) or l2 (mean squared error)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,8 +72,7 @@ def main() -> int:
     t0 = time.time()
     for step in range(1, args.steps + 1):
         opt.zero_grad()
-        diff = model(x, task=task) - y
-        loss = diff.abs().mean() if args.loss == "l1" else diff.square().mean()
+        loss = pixel_loss(args.loss, model(x, task=task), y)
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == args.steps:
@@ -81,8 +81,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except EdtirError as e:  # a missing or damaged checkpoint, an unknown model: one line, not a traceback
-        print(f"{Path(__file__).name}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_script(main, Path(__file__).name)

@@ -8,7 +8,6 @@ rain and Rain100L/H (a gain here, none there).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import edtir
 from edtir import zoo
 from edtir.data.degrade import add_rain
 from edtir.data.io import list_images, read_image
-from edtir.errors import EdtirError
+from edtir.errors import run_script
 from edtir.metrics import psnr, rgb_to_y
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Kodak24"
@@ -52,8 +51,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except EdtirError as e:  # a missing or damaged checkpoint, an unknown model: one line, not a traceback
-        print(f"{Path(__file__).name}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_script(main, Path(__file__).name)

@@ -1,5 +1,8 @@
 """Errors that reach the user as one line and an exit code, never a traceback."""
 
+import sys
+from collections.abc import Callable
+
 
 class EdtirError(Exception):
     """A problem with the user's input (file, flag, config); the CLI prints it as one line and exits 1."""
@@ -41,3 +44,13 @@ class Interrupted(EdtirError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + int(signum)
+
+
+def run_script(main: Callable[[], int], prog: str) -> None:
+    """Exit with ``main()``'s status; an :class:`EdtirError` (a missing checkpoint, an unknown model) becomes one
+    line and exit 2, for scripts outside the ``edtir`` command (``benchmarks/``)."""
+    try:
+        raise SystemExit(main())
+    except EdtirError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
