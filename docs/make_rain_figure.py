@@ -1,5 +1,6 @@
 """Make docs/img/rain-samples.png: the synthetic rain model of ``edtir.data.degrade`` on T91 training images
-(never a test image): clean | light | heavy | heavy streak layers alone, one row per image.
+(never a test image): clean | light | light-wide (two draws) | heavy | heavy-wide | heavy streak layers alone,
+one row per image.
 
     python docs/make_rain_figure.py [--data ../shared/data/T91] [--out docs/img/rain-samples.png]
 """
@@ -38,12 +39,16 @@ def main() -> None:
         y, x = (img.shape[0] - PANEL) // 2, (img.shape[1] - PANEL) // 2
         clean = img[y:y + PANEL, x:x + PANEL]
         light = degrade.add_rain(clean, np.random.default_rng([i, 0]), "light")
+        wide = [degrade.add_rain(clean, np.random.default_rng([i, 2, k]), "light-wide") for k in range(2)]
         heavy = degrade.add_rain(clean, np.random.default_rng([i, 1]), "heavy")
+        heavy_wide = degrade.add_rain(clean, np.random.default_rng([i, 3]), "heavy-wide")
         streaks, _, _ = degrade.rain_streaks(clean.shape[:2], np.random.default_rng([i, 1]), "heavy")
         layer = np.repeat((streaks[..., None] * 255).round().astype(np.uint8), 3, axis=2)
-        rows.append([panel(clean, f"clean {name}"), panel(light, "light"), panel(heavy, "heavy"),
+        rows.append([panel(clean, f"clean {name}"), panel(light, "light"), panel(wide[0], "light-wide"),
+                     panel(wide[1], "light-wide"), panel(heavy, "heavy"), panel(heavy_wide, "heavy-wide"),
                      panel(layer, "heavy: streaks only")])
-    fig = Image.new("RGB", (4 * PANEL + 3 * 4, len(rows) * PANEL + (len(rows) - 1) * 4), (255, 255, 255))
+    cols = len(rows[0])
+    fig = Image.new("RGB", (cols * PANEL + (cols - 1) * 4, len(rows) * PANEL + (len(rows) - 1) * 4), (255, 255, 255))
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
             fig.paste(im, (c * (PANEL + 4), r * (PANEL + 4)))

@@ -65,3 +65,39 @@ def test_streak_kernel_shape():
 def test_unknown_rain_level():
     with pytest.raises(ValueError, match="unknown rain level"):
         degrade.add_rain(grey(), np.random.default_rng(0), "drizzle")
+
+
+def test_light_wide_blends_both_ways():
+    # The same seed draws the same streaks over any image. Screen blending brightens a dark grey twice as much as
+    # a mid grey (the rise is s * (1 - x)); adding streaks brightens both alike (until 255). "light-wide" must do
+    # both across images, "light" only the screen.
+    def rise_ratios(level):
+        ratios = []
+        for seed in range(16):
+            dark, mid = (degrade.add_rain(grey(96, 96, v), np.random.default_rng(seed), level).astype(float) - v
+                         for v in (50, 150))
+            faint = (dark > 20) & (dark < 90)  # neither rounding noise nor clipped at 255 in `mid`
+            ratios.append(np.median(dark[faint] / np.maximum(mid[faint], 1)))
+        return np.array(ratios)
+
+    wide = rise_ratios("light-wide")
+    assert ((wide > 0.9) & (wide < 1.15)).sum() >= 3  # additive images
+    assert ((wide > 1.7) & (wide < 2.2)).sum() >= 3  # screened images (205 / 105 = 1.95)
+    light = rise_ratios("light")
+    assert ((light > 1.7) & (light < 2.2)).all()
+
+
+@pytest.mark.parametrize("base", ["light", "heavy"])
+def test_wide_presets_are_as_heavy_as_their_base(data_dir, base):
+    # The *-wide presets widen the kinds of rain, not its amount: on real training images the rainy input's median
+    # PSNR stays within 1.5 dB of the preset they widen (benchmarks/rain_levels.py prints the full table).
+    from edtir.data.io import list_images, read_image
+    from edtir.metrics import psnr, rgb_to_y
+
+    images = [read_image(f) for f in list_images(data_dir / "T91")[::9][:10]]  # the benchmark's defaults
+
+    def median_psnr(level):
+        return np.median([psnr(rgb_to_y(degrade.add_rain(c, np.random.default_rng(s), level)), rgb_to_y(c))
+                          for s, c in enumerate(images * 3)])
+
+    assert abs(median_psnr(f"{base}-wide") - median_psnr(base)) < 1.5

@@ -6,7 +6,7 @@ import pytest
 
 from edtir.cli import main
 from edtir.errors import ConfigError
-from edtir.train.config import config_from_dict, load_config
+from edtir.train.config import config_from_dict, load_config, rain_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,13 @@ def test_semantic_checks():
         config_from_dict(base(train={"precision": "fp16"}))
     with pytest.raises(ConfigError, match="init.tasks"):
         config_from_dict(base(init={"path": "m.safetensors", "tasks": ["sr-x3"]}))
+    rain = {"model": {"size": "T", "tasks": ["derain-light"]},
+            "data": {"derain-light": {"folders": ["x"], "patch": 96, "rain": "light-wide"}}}
+    assert rain_of(config_from_dict(rain), "derain-light") == "light-wide"
+    rain["data"]["derain-light"]["rain"] = "drizzle"
+    with pytest.raises(ConfigError, match="^data.derain-light.rain: expected one of light, heavy, light-wide, "
+                                          "heavy-wide, got 'drizzle'"):
+        config_from_dict(rain)
 
 
 def test_overrides_beat_file_and_are_checked(tmp_path):

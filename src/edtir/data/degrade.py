@@ -19,7 +19,10 @@ layers at slightly different angles (depth), longer, wider and denser, plus a ve
 ``out = (1 - a) out + a * airlight`` (the haze that accumulates in downpours, as in Rain100H-style data). Each
 parameter is drawn uniformly from the preset's range per image, and each layer jitters the angle by a few
 degrees. This is the procedural recipe the Rain100 sets were made with (noise, motion blur, screen blend),
-written out as code. ``docs/img/rain-samples.png`` shows samples (``docs/make_rain_figure.py``).
+written out as code. ``light-wide`` and ``heavy-wide`` draw from wider ranges (``heavy-wide``: one to five
+layers whose directions spread by up to 15 degrees) and blend half of the images additively
+(``out = min(img + streaks, 1)``), for training a model that meets rain it was not made from.
+``docs/img/rain-samples.png`` shows samples (``docs/make_rain_figure.py``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class RainPreset:
     intensity: tuple[float, float]  # peak brightness of a streak in [0, 1]
     haze: tuple[float, float] = (0.0, 0.0)  # veil opacity
     airlight: tuple[float, float] = (0.8, 0.95)
+    additive: float = 0.0  # probability that an image's streaks are added (then clipped) instead of screened
+    jitter: float = 5.0  # each layer's angle: the image's angle +- up to this many degrees
 
 
 RAIN_PRESETS = {
@@ -78,6 +83,19 @@ RAIN_PRESETS = {
                         angle=(-25, 25), intensity=(0.5, 0.8)),
     "heavy": RainPreset(layers=(2, 3), density=(0.0015, 0.003), length=(20, 40), width=(0.7, 1.2),
                         angle=(-30, 30), intensity=(0.45, 0.7), haze=(0.05, 0.2)),
+    # Domain randomisation around "light": a model trained on "light" alone removed our streaks (26.8 -> 32.6 dB)
+    # but gained far less on Rain100L, so this draws from wider ranges (longer, wider, fainter or brighter
+    # streaks, both blends: Photoshop-style screen and the additive O = B + S of the Rain100 papers' model)
+    # instead of guessing one setting closer to someone else's generator.
+    # The ranges keep the rainy input's PSNR about where "light" puts it (median 27.7 dB on T91, 10-90 % 21-33
+    # dB; "light": 27.8, 23-31; benchmarks/rain_levels.py), so the rain is as light, only of more kinds.
+    "light-wide": RainPreset(layers=(1, 1), density=(0.001, 0.004), length=(8, 35), width=(0.3, 0.8),
+                             angle=(-30, 30), intensity=(0.3, 0.8), additive=0.5),
+    # The same around "heavy": one to five layers whose directions spread more (Rain100H is described as rain of
+    # five streak directions), a wider range of lengths, widths, brightness and haze, both blends; as heavy as
+    # "heavy" (input PSNR on T91: median 16.8 dB, 10-90 % 14.6-20.6; "heavy": 16.6, 14.4-21.1; same script).
+    "heavy-wide": RainPreset(layers=(1, 5), density=(0.0008, 0.002), length=(15, 45), width=(0.5, 1.3),
+                             angle=(-30, 30), intensity=(0.35, 0.75), haze=(0.0, 0.2), additive=0.5, jitter=15.0),
 }
 
 
@@ -118,18 +136,22 @@ def rain_layer(shape: tuple[int, int], rng: np.random.Generator, *, density: flo
     return (np.clip(streaks, 0.0, 1.0) * intensity).astype(np.float32)
 
 
-def rain_streaks(shape: tuple[int, int], rng: np.random.Generator, level: str = "light"):
-    """(streaks HxW in [0, 1] composited from all layers by screen blending, haze opacity, airlight)."""
+def rain_preset(level: str) -> RainPreset:
     if level not in RAIN_PRESETS:
         raise ValueError(f"unknown rain level {level!r}; expected one of {', '.join(RAIN_PRESETS)}")
-    p = RAIN_PRESETS[level]
+    return RAIN_PRESETS[level]
+
+
+def rain_streaks(shape: tuple[int, int], rng: np.random.Generator, level: str = "light"):
+    """(streaks HxW in [0, 1] composited from all layers by screen blending, haze opacity, airlight)."""
+    p = rain_preset(level)
     u = lambda r: float(rng.uniform(*r))  # noqa: E731
     n_layers = int(rng.integers(p.layers[0], p.layers[1] + 1))
     base_angle = u(p.angle)
     total = np.zeros(shape, np.float32)
     for _ in range(n_layers):
         layer = rain_layer(shape, rng, density=u(p.density), length=u(p.length), width=u(p.width),
-                           angle=base_angle + float(rng.uniform(-5, 5)), intensity=u(p.intensity))
+                           angle=base_angle + float(rng.uniform(-p.jitter, p.jitter)), intensity=u(p.intensity))
         total = 1.0 - (1.0 - total) * (1.0 - layer)
     return total, u(p.haze), u(p.airlight)
 
@@ -138,7 +160,12 @@ def add_rain(image: np.ndarray, rng: np.random.Generator, level: str = "light") 
     """uint8 HWC clean image -> uint8 rainy image (rounded, like stored rainy data sets)."""
     x = image.astype(np.float32) / 255.0
     streaks, haze, airlight = rain_streaks(x.shape[:2], rng, level)
-    out = 1.0 - (1.0 - x) * (1.0 - streaks[..., None])
+    # Presets without additive images draw nothing more, so their samples stay what they were.
+    additive = rain_preset(level).additive
+    if additive > 0 and rng.random() < additive:
+        out = np.minimum(x + streaks[..., None], 1.0)
+    else:
+        out = 1.0 - (1.0 - x) * (1.0 - streaks[..., None])
     if haze > 0:
         out = (1.0 - haze) * out + haze * airlight
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)

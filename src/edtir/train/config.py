@@ -29,6 +29,7 @@ from typing import Any, Union
 
 import yaml
 
+from ..data.degrade import RAIN_PRESETS
 from ..errors import ConfigError
 from ..models.edt import TASKS, task_kind, task_scale
 
@@ -69,7 +70,7 @@ class TaskDataConfig:
     patch: int | None = None  # input patch side; None: 48 for SR (LR side), 192 for denoise/derain
     degradation: str = "auto"  # auto (from the task), bicubic, noise, rain
     noise_sigma: float | None = None  # 0-255 scale; None: from the task name (denoise-25 -> 25)
-    rain: str | None = None  # light or heavy; None: from the task name
+    rain: str | None = None  # a preset of edtir.data.degrade.RAIN_PRESETS; None: from the task
 
 
 @dataclass
@@ -289,8 +290,8 @@ def _check(cfg: Config) -> Config:
         deg = degradation_of(cfg, task)
         if (deg == "bicubic") != (task_kind(task) == "sr"):
             raise ConfigError(f"{p}.degradation: {deg} does not fit task {task}")
-        if d.rain not in (None, "light", "heavy"):
-            raise ConfigError(f"{p}.rain: expected light or heavy, got {d.rain!r}")
+        if d.rain is not None and d.rain not in RAIN_PRESETS:
+            raise ConfigError(f"{p}.rain: expected one of {', '.join(RAIN_PRESETS)}, got {d.rain!r}")
         if d.noise_sigma is not None and d.noise_sigma < 0:
             raise ConfigError(f"{p}.noise_sigma: must be >= 0")
         patch = cfg.patch(task)
