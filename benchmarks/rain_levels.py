@@ -25,7 +25,12 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=10)
     ap.add_argument("--draws", type=int, default=3, help="rain draws per image")
     args = ap.parse_args()
+    for flag in ("every", "images", "draws"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be at least 1")
     images = [read_image(f) for f in list_images(args.data)[:: args.every][: args.images]]
+    if not images:
+        ap.error(f"--data {args.data}: no images found")
     print(f"# rainy-input PSNR (Y, dB) over {len(images)} images of {args.data} x {args.draws} draws "
           f"(seed = draw index)")
     print(f"{'preset':<12}{'p10':>7}{'median':>8}{'p90':>7}{'mean':>7}")
