@@ -15,8 +15,8 @@ import yaml
 
 from edtir.models.checkpoint import load_model, save_model
 from edtir.models.edt import build_model
-from edtir.train.config import config_from_dict
-from edtir.train.loop import MultiTaskStep, make_model, train, train_step
+from edtir.train.config import LOSSES, config_from_dict
+from edtir.train.loop import PIXEL_LOSSES, MultiTaskStep, make_model, train, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 T91 = Path(__file__).parents[1].parent / "shared" / "data" / "T91"
@@ -74,6 +74,7 @@ def test_loss_per_task_l1_or_l2():
     assert losses["sr-x2"].item() == pytest.approx(l1, rel=1e-5)
     assert losses["denoise-15"].item() == pytest.approx(l2, rel=1e-5)
     assert loss.item() == pytest.approx(l1 + 2 * l2, rel=1e-5)
+    assert tuple(PIXEL_LOSSES) == LOSSES  # every name the config accepts has a loss, and no other
 
 
 @needs_t91

@@ -61,8 +61,11 @@ def make_model(cfg: Config) -> EDT:
     return build_model(m.size, m.tasks, **overrides)
 
 
+PIXEL_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}  # the names of ``edtir.train.config.LOSSES``
+
+
 def pixel_loss(name: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.l1_loss(output, target) if name == "l1" else F.mse_loss(output, target)
+    return PIXEL_LOSSES[name](output, target)  # an unchecked name is a KeyError, never a silent L2
 
 
 def train_step(step_module, batch, optimizer, weights: dict[str, float], device: torch.device, bf16: bool,
