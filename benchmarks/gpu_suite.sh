@@ -5,6 +5,8 @@
 # Writes logs and weights to $OUT (default runs/gpu-suite). Each step is time-boxed; a subset reruns only those:
 #   STEPS="device cuda probe perf" bash benchmarks/gpu_suite.sh          # tests, training probe, performance issue
 #   STEPS="multi" ITERS=6000 MULTI_SECONDS=300 bash benchmarks/gpu_suite.sh   # GPU stage of edt-t-multi-291
+#   STEPS="compile" bash benchmarks/gpu_suite.sh          # torch.compile (per block, CUDA graphs) of the fast path
+#   STEPS="finetune" bash benchmarks/gpu_suite.sh         # configs/gpu-edt-t-*-ft.yaml side by side, time-boxed
 # A multi run cut short returns its checkpoint as $OUT/ckpt.tar.part*: put them in .carry/gpu-t-multi/ and carry
 # .carry to continue it exactly in the next lease (same iteration count and schedule, read from its config).
 # Mind the 64 MiB a lease carries: the eight-task EDT-T checkpoint is 32 MB, the 291 set as lossless WebP 39 MB,
@@ -45,11 +47,40 @@ timeout 40 $PY benchmarks/dwconv_layouts.py --device cuda 2>&1 | tee "$OUT/dwcon
 want perf && { step "performance suite: workloads x reference/fast x fp32/bf16"
 timeout ${PERF_SECONDS:-150} $PY benchmarks/perf_suite.py --device cuda \
   --workloads ${PERF_WORKLOADS:-b-240x360,b-train,set5,b-480x720} --repeats 3 --warmup 1 2>&1 | tee "$OUT/perf_suite.txt"
-timeout 60 $PY benchmarks/perf_suite.py --device cuda --workloads b-4k,b-4k-auto --paths fast --repeats 1 --warmup 1 2>&1 \
-  | tee -a "$OUT/perf_suite.txt"
-for mode in ${PROFILE_MODES:-fast reference}; do
+[ -n "${PERF_TILED-b-4k,b-4k-auto}" ] && timeout 60 $PY benchmarks/perf_suite.py --device cuda \
+  --workloads "${PERF_TILED-b-4k,b-4k-auto}" --paths fast --repeats 1 --warmup 1 2>&1 | tee -a "$OUT/perf_suite.txt"
+for mode in ${PROFILE_MODES-fast reference}; do
   timeout 25 $PY benchmarks/profile_model.py --device cuda --input 240x360 --precision bf16 --mode $mode --top 12 \
     2>&1 | grep -v USDT | tee -a "$OUT/profile_gpu.txt"; done; }
+
+want compile && for mode in ${COMPILE_MODES:-default reduce-overhead}; do
+  step "torch.compile of each block ($mode) against the eager fast path"
+  timeout ${COMPILE_SECONDS:-100} $PY benchmarks/perf_suite.py --device cuda --workloads b-240x360 --paths fast \
+    --compile "$mode" --repeats 5 --warmup 3 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/perf_compile.txt"; done
+
+want finetune && {  # the GPU fine-tunes side by side on the one GPU, time-boxed; the CUDA tests run beside them
+FT_CONFIGS=${FT_CONFIGS:-"sr-x2 sr-x4 denoise-25"}
+FT_SECONDS=${FT_SECONDS:-300}; left=$(( DEADLINE - $(date +%s) - 30 ))
+[ "$left" -lt "$FT_SECONDS" ] && FT_SECONDS=$left
+step "GPU fine-tunes ($FT_CONFIGS) for at most $FT_SECONDS s"
+pids=""; mkdir -p runs
+for t in $FT_CONFIGS; do
+  rm -rf "runs/gpu-t-$t-ft"
+  timeout -s TERM -k 40 "$FT_SECONDS" $PY -m edtir train "configs/gpu-edt-t-$t-ft.yaml" --output-dir "runs/gpu-t-$t-ft" \
+    --no-progress $EXTRA > "runs/gpu-t-$t-ft.log" 2>&1 & pids="$pids $!"
+done
+timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_models.py -k "cuda or official_output" \
+  2>&1 | tail -8 | tee "$OUT/pytest.txt"
+wait $pids
+for t in $FT_CONFIGS; do
+  tail -2 "runs/gpu-t-$t-ft.log"; tail -1 "runs/gpu-t-$t-ft/log.jsonl" 2>/dev/null | cut -c1-200
+  w="runs/gpu-t-$t-ft/model.safetensors"  # else the newest checkpoint (a run its time box stopped saves one)
+  [ -f "$w" ] || w=$(ls -d runs/gpu-t-$t-ft/checkpoints/step_*/model.safetensors 2>/dev/null | tail -1)
+  [ -n "$w" ] && cp "$w" "$OUT/ft-$t.safetensors" && echo "weights: $w -> $OUT/ft-$t.safetensors"
+done
+tar -czf "$OUT/ft-logs.tar.gz" runs/gpu-t-*-ft.log runs/gpu-t-*-ft/log.jsonl runs/gpu-t-*-ft/config.yaml 2>/dev/null
+for t in sr-x2 sr-x4; do [ -f "$OUT/ft-$t.safetensors" ] && timeout 40 $PY -m edtir eval --task $t \
+  --weights "$OUT/ft-$t.safetensors" --data ../shared/data/Set5 --device $DEV --no-progress 2>&1 | tail -2; done; }
 
 want multi && {
 MULTI_SECONDS=${MULTI_SECONDS:-300}; left=$(( DEADLINE - $(date +%s) - 60 ))  # 60 s: saving, copying, eval

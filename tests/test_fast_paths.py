@@ -317,3 +317,20 @@ def test_explicit_attention_is_chosen_for_cpu_fp32():
         with edt.attention_mode("reference"):
             ref = model(img)
     assert (explicit - ref).abs().max() <= 1e-5 and (fused - ref).abs().max() <= 1e-5
+
+
+def test_compiled_blocks_equal_reference():
+    """``benchmarks/perf_suite.py --compile`` compiles each block on its own; the compiled fast path (in-place
+    writes become plain adds under torch.compile) must still give the reference output."""
+    model = sharpen(edtir.build_model("T", ["sr-x2"], depths=(2,), drop_path=0.0)).eval()
+    x = torch.rand(1, 3, 24, 48)
+    with torch.no_grad(), reference_mode():
+        ref = model(x)
+    for m in model.modules():
+        if isinstance(m, edt.EDTBlock):
+            m.compile(dynamic=False)
+    with torch.no_grad():
+        out = model(x)
+    torch._dynamo.reset()
+    assert ref.abs().max() > 0.5
+    assert (out - ref).abs().max() <= TOL

@@ -772,8 +772,8 @@ class EDTBlock(nn.Module):
         b_l = torch.cat([a.lepe.bias, self.attns[1].lepe.bias])
         lepe = F.conv2d(img, w_l, b_l, padding=1, groups=C).view(2 * bw, heads, d, n).permute(0, 3, 1, 2)
         out = out[..., :d].transpose(1, 2)  # (B*nW*2, N, heads, d)
-        if out.requires_grad or lepe.requires_grad or exporting():
-            out = (out + lepe).reshape(-1, half)
+        if out.requires_grad or lepe.requires_grad or exporting() or torch.compiler.is_compiling():
+            out = (out + lepe).reshape(-1, half)  # (out= has no layout guarantee under torch.compile)
         else:  # written straight in the (window, token) row order the gather back reads
             out = torch.add(out, lepe, out=out.new_empty(out.shape)).view(-1, half)
         out = permute_rows(out, scatter, gather)  # (B * H * W * 2, half): [horizontal | vertical] per pixel
