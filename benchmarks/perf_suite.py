@@ -339,7 +339,8 @@ def main() -> int:
     ap.add_argument("--no-rss", dest="rss", action="store_false",
                     help="CPU: skip the fresh-process peak-memory runs (the tiled 4K keeps them)")
     ap.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"),
-                    help="add a 'fast+compile' path: torch.compile (reduce-overhead: CUDA graphs) of the fast path")
+                    help="add a 'fast+compile' path: the fast path with each block torch.compile'd (reduce-overhead: "
+                         "CUDA graphs, which fail on the GPU: the blocks share one graph)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
