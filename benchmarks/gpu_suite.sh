@@ -31,9 +31,15 @@ nproc | tee -a "$OUT/device.txt"; }
 
 START=$(date +%s); DEADLINE=$(( START + ${BUDGET_SECONDS:-100000} ))  # the multi step fits what is left
 
+cuda_tests() {  # $1: time box in seconds
+  timeout "$1" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_models.py \
+    -k "cuda or official_output" 2>&1 | tail -8 | tee "$OUT/pytest.txt"; }
+weights_of() {  # a run folder's final weights, else its newest checkpoint's (a run stopped by its time box saves one)
+  if [ -f "$1/model.safetensors" ]; then echo "$1/model.safetensors"
+  else ls -d "$1"/checkpoints/step_*/model.safetensors 2>/dev/null | tail -1; fi; }
+
 want cuda && { step CUDA tests
-timeout 75 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_models.py -k "cuda or official_output" \
-  2>&1 | tail -8 | tee "$OUT/pytest.txt"; }
+cuda_tests 75; }
 
 want probe && { step "training probe: the GPU config of the bundled model for ${PROBE_SECONDS:=35} s (speed, data loading)"
 rm -rf runs/gpu-probe
@@ -66,16 +72,14 @@ step "GPU fine-tunes ($FT_CONFIGS) for at most $FT_SECONDS s"
 pids=""; mkdir -p runs
 for t in $FT_CONFIGS; do
   rm -rf "runs/gpu-t-$t-ft"
-  timeout -s TERM -k 40 "$FT_SECONDS" $PY -m edtir train "configs/gpu-edt-t-$t-ft.yaml" --output-dir "runs/gpu-t-$t-ft" \
-    --no-progress $EXTRA > "runs/gpu-t-$t-ft.log" 2>&1 & pids="$pids $!"
+  timeout -s TERM -k 40 "$FT_SECONDS" $PY -m edtir train "configs/gpu-edt-t-$t-ft.yaml" \
+    --output-dir "runs/gpu-t-$t-ft" --no-progress $EXTRA > "runs/gpu-t-$t-ft.log" 2>&1 & pids="$pids $!"
 done
-timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_models.py -k "cuda or official_output" \
-  2>&1 | tail -8 | tee "$OUT/pytest.txt"
+cuda_tests 90
 wait $pids
 for t in $FT_CONFIGS; do
   tail -2 "runs/gpu-t-$t-ft.log"; tail -1 "runs/gpu-t-$t-ft/log.jsonl" 2>/dev/null | cut -c1-200
-  w="runs/gpu-t-$t-ft/model.safetensors"  # else the newest checkpoint (a run its time box stopped saves one)
-  [ -f "$w" ] || w=$(ls -d runs/gpu-t-$t-ft/checkpoints/step_*/model.safetensors 2>/dev/null | tail -1)
+  w=$(weights_of "runs/gpu-t-$t-ft")
   [ -n "$w" ] && cp "$w" "$OUT/ft-$t.safetensors" && echo "weights: $w -> $OUT/ft-$t.safetensors"
 done
 tar -czf "$OUT/ft-logs.tar.gz" runs/gpu-t-*-ft.log runs/gpu-t-*-ft/log.jsonl runs/gpu-t-*-ft/config.yaml 2>/dev/null
@@ -107,8 +111,7 @@ if [ ! -f runs/gpu-t-multi/model.safetensors ]; then  # stopped early (SIGTERM s
   [ -n "$last" ] && tar -C runs -cf - gpu-t-multi/config.yaml gpu-t-multi/log.jsonl "gpu-t-multi/checkpoints/${last##*/}" \
     | split -b 15m -d - "$OUT/ckpt.tar.part" && echo "unfinished: $last saved as $OUT/ckpt.tar.part*"
 fi
-w=runs/gpu-t-multi/model.safetensors
-[ -f $w ] || w=$(ls -d runs/gpu-t-multi/checkpoints/step_*/model.safetensors 2>/dev/null | tail -1)
+w=$(weights_of runs/gpu-t-multi)
 [ -n "$w" ] && cp "$w" "$OUT/edt-t-multi-gpu.safetensors" && echo "weights: $w"
 timeout 40 $PY -m edtir eval --task sr-x2 --weights "$OUT/edt-t-multi-gpu.safetensors" --data ../shared/data/Set5 \
   --device $DEV --no-progress 2>&1 | tail -3 | tee "$OUT/eval_multi.txt"; }

@@ -147,13 +147,13 @@ def time_paths(run_by_path, device, repeats, warmup):
 
     out, times = {}, {p: [] for p in run_by_path}
     for path, run in run_by_path.items():
-        with attention_mode(path.split("+")[0]):  # fast+compile: the fast path, compiled
+        with attention_mode(attention_path(path)):
             out[path] = run().float().cpu()
             for _ in range(warmup - 1):
                 run()
     for _ in range(repeats):
         for path, run in run_by_path.items():
-            with attention_mode(path.split("+")[0]):
+            with attention_mode(attention_path(path)):
                 sync(device)
                 t0 = time.perf_counter()
                 run()
@@ -236,7 +236,7 @@ def inference_rows(name, s, device, precisions, paths, args):
             med = statistics.median(t)
             ref_med = statistics.median(times["reference"][0]) if "reference" in times else None
             if device.type == "cuda":
-                mem = cuda_peak(runs[p], "fast" if p == "fast+compile" else p, device)
+                mem = cuda_peak(runs[p], attention_path(p), device)
             elif cpu_tiled:
                 mem = res[p]["peak_rss_mib"]
             else:
@@ -252,18 +252,17 @@ def inference_rows(name, s, device, precisions, paths, args):
 
 
 def compiled(model, args):
-    """A copy of the model with each transformer block compiled on its own: the blocks share one compiled graph per
-    variant (shifted or not), so EDT-B compiles in seconds instead of unrolling 36 blocks into one graph."""
+    """A copy of the model with each block compiled (``edt.compile_blocks``); the other paths keep the eager one."""
     import copy
 
-    from edtir.models.edt import EDTBlock
+    from edtir.models.edt import compile_blocks
 
-    mode = None if args.compile == "default" else args.compile
-    model = copy.deepcopy(model)
-    for m in model.modules():
-        if isinstance(m, EDTBlock):
-            m.compile(dynamic=False, mode=mode)
-    return model
+    return compile_blocks(copy.deepcopy(model), None if args.compile == "default" else args.compile)
+
+
+def attention_path(path: str) -> str:
+    """The attention formulation a path runs: fast+compile is the fast path, compiled."""
+    return path.split("+")[0]
 
 
 def train_rows(name, s, device, precisions, paths, args):

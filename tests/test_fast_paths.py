@@ -320,15 +320,13 @@ def test_explicit_attention_is_chosen_for_cpu_fp32():
 
 
 def test_compiled_blocks_equal_reference():
-    """``benchmarks/perf_suite.py --compile`` compiles each block on its own; the compiled fast path (in-place
-    writes become plain adds under torch.compile) must still give the reference output."""
+    """``edt.compile_blocks`` (``benchmarks/perf_suite.py --compile``): the compiled fast path (in-place writes
+    become plain adds under torch.compile) must still give the reference output."""
     model = sharpen(edtir.build_model("T", ["sr-x2"], depths=(2,), drop_path=0.0)).eval()
     x = torch.rand(1, 3, 24, 48)
     with torch.no_grad(), reference_mode():
         ref = model(x)
-    for m in model.modules():
-        if isinstance(m, edt.EDTBlock):
-            m.compile(dynamic=False)
+    edt.compile_blocks(model)
     with torch.no_grad():
         out = model(x)
     torch._dynamo.reset()

@@ -1115,3 +1115,14 @@ def build_model(size: str = "B", tasks=("sr-x2",), **overrides) -> EDT:
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
     return EDT(EDTConfig.preset(size, tasks=tasks, **overrides))
+
+
+def compile_blocks(model: nn.Module, mode: str | None = None) -> nn.Module:
+    """``torch.compile`` each transformer block on its own, in place: the blocks share one compiled graph per variant
+    (shifted or not), where compiling the whole model unrolls every block into one graph (minutes to build). For
+    experiments and ``benchmarks/perf_suite.py --compile``: measured slower than the eager fast path on an H200 and on
+    the CPU (docs/performance.md), so nothing in edtir calls it."""
+    for m in model.modules():
+        if isinstance(m, EDTBlock):
+            m.compile(dynamic=False, mode=mode)
+    return model
