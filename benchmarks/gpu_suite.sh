@@ -4,6 +4,7 @@
 # training set (lossless WebP fits the transfer limit), the Rain100 overlap list, the official output reference).
 # Writes logs and weights to $OUT (default runs/gpu-suite). Each step is time-boxed; a subset reruns only those:
 #   STEPS="device cuda probe perf" bash benchmarks/gpu_suite.sh          # tests, training probe, performance issue
+#   STEPS="device kernels cuda perf" bash benchmarks/gpu_suite.sh        # the Triton kernels' tiles, then the suite
 #   STEPS="multi" ITERS=6000 MULTI_SECONDS=300 bash benchmarks/gpu_suite.sh   # GPU stage of edt-t-multi-291
 #   STEPS="compile" bash benchmarks/gpu_suite.sh          # torch.compile (per block, CUDA graphs) of the fast path
 #   STEPS="finetune" bash benchmarks/gpu_suite.sh         # configs/gpu-edt-t-*-ft.yaml side by side, time-boxed
@@ -32,8 +33,8 @@ nproc | tee -a "$OUT/device.txt"; }
 START=$(date +%s); DEADLINE=$(( START + ${BUDGET_SECONDS:-100000} ))  # the multi step fits what is left
 
 cuda_tests() {  # $1: time box in seconds
-  timeout "$1" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_models.py \
-    -k "cuda or official_output" 2>&1 | tail -8 | tee "$OUT/pytest.txt"; }
+  timeout "$1" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py tests/test_models.py \
+    -k "cuda or official_output or kernels" 2>&1 | tail -12 | tee "$OUT/pytest.txt"; }
 weights_of() {  # a run folder's final weights, else its newest checkpoint's (a run stopped by its time box saves one)
   if [ -f "$1/model.safetensors" ]; then echo "$1/model.safetensors"
   else ls -d "$1"/checkpoints/step_*/model.safetensors 2>/dev/null | tail -1; fi; }
@@ -50,8 +51,13 @@ cp runs/gpu-probe/log.jsonl "$OUT/probe_log.jsonl" 2>/dev/null; tail -2 "$OUT/pr
 want dwconv && { step "depthwise conv layouts"
 timeout 40 $PY benchmarks/dwconv_layouts.py --device cuda 2>&1 | tee "$OUT/dwconv_layouts.txt"; }
 
-want perf && { step "performance suite: workloads x reference/fast x fp32/bf16"
-timeout ${PERF_SECONDS:-150} $PY benchmarks/perf_suite.py --device cuda \
+want kernels && { step "Triton kernels: tiles swept, each against the eager code it replaces"
+timeout ${KERNELS_SECONDS:-150} $PY benchmarks/triton_kernels.py --env "$OUT/kernel_tiles.env" 2>&1 \
+  | tee "$OUT/triton_kernels.txt"
+if [ -f "$OUT/kernel_tiles.env" ]; then set -a; . "$OUT/kernel_tiles.env"; set +a; fi; }  # the later steps use them
+
+want perf && { step "performance suite: workloads x reference/fast-eager/fast x fp32/bf16"
+timeout ${PERF_SECONDS:-150} $PY benchmarks/perf_suite.py --device cuda --paths ${PERF_PATHS:-reference,fast-eager,fast} \
   --workloads ${PERF_WORKLOADS:-b-240x360,b-train,set5,b-480x720} --repeats 3 --warmup 1 2>&1 | tee "$OUT/perf_suite.txt"
 [ -n "${PERF_TILED-b-4k,b-4k-auto}" ] && timeout 60 $PY benchmarks/perf_suite.py --device cuda \
   --workloads "${PERF_TILED-b-4k,b-4k-auto}" --paths fast --repeats 1 --warmup 1 2>&1 | tee -a "$OUT/perf_suite.txt"

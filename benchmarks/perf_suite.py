@@ -1,5 +1,7 @@
 """The performance issue's workloads x {reference, fast} attention x {fp32, bf16}, in one table: time, peak memory,
 achieved TFLOP/s, the ratio to the hardware floor, and a check that the fast path gives the reference's output.
+On CUDA the fast path runs inference through the fused Triton kernels (``edtir.models.kernels``); the path
+``fast-eager`` is the fast path without them (``--paths reference,fast-eager,fast``).
 
     python benchmarks/perf_suite.py --device cpu             # CPU workloads, 2 threads (a few minutes quiet)
     python benchmarks/perf_suite.py --device cuda            # GPU workloads (H100/H200)
@@ -28,6 +30,7 @@ development VM; scaled by threads/2), GPU bf16 788 TFLOP/s, GPU fp32 (TF32 off) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -143,17 +146,15 @@ def runner(model, s, device, precision, tile_cfg):
 
 def time_paths(run_by_path, device, repeats, warmup):
     """{path: (times, first output)} with the paths interleaved."""
-    from edtir.models.edt import attention_mode
-
     out, times = {}, {p: [] for p in run_by_path}
     for path, run in run_by_path.items():
-        with attention_mode(attention_path(path)):
+        with path_mode(path):
             out[path] = run().float().cpu()
             for _ in range(warmup - 1):
                 run()
     for _ in range(repeats):
         for path, run in run_by_path.items():
-            with attention_mode(attention_path(path)):
+            with path_mode(path):
                 sync(device)
                 t0 = time.perf_counter()
                 run()
@@ -163,11 +164,9 @@ def time_paths(run_by_path, device, repeats, warmup):
 
 
 def cuda_peak(run, path, device) -> float:
-    from edtir.models.edt import attention_mode
-
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    with attention_mode(path):
+    with path_mode(path):
         run()
     sync(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
@@ -175,15 +174,13 @@ def cuda_peak(run, path, device) -> float:
 
 def child_cell(args) -> dict:
     """One run of one cell in this fresh process: seconds and the peak resident set (CPU memory)."""
-    from edtir.models.edt import attention_mode
-
     name, path, precision = args.child.split(":")
     device = torch.device(args.device)
     s = settings(name, args.quick)
     model = build(s, device)
     tile_cfg = (s.get("tile", TILING[device.type][0]), TILING[device.type][1])
     run = runner(model, s, device, precision, tile_cfg)
-    with attention_mode(path):
+    with path_mode(path):
         t0 = time.perf_counter()
         run()
         seconds = time.perf_counter() - t0
@@ -236,7 +233,7 @@ def inference_rows(name, s, device, precisions, paths, args):
             med = statistics.median(t)
             ref_med = statistics.median(times["reference"][0]) if "reference" in times else None
             if device.type == "cuda":
-                mem = cuda_peak(runs[p], attention_path(p), device)
+                mem = cuda_peak(runs[p], p, device)
             elif cpu_tiled:
                 mem = res[p]["peak_rss_mib"]
             else:
@@ -260,16 +257,23 @@ def compiled(model, args):
     return compile_blocks(copy.deepcopy(model), None if args.compile == "default" else args.compile)
 
 
-def attention_path(path: str) -> str:
-    """The attention formulation a path runs: fast+compile is the fast path, compiled."""
-    return path.split("+")[0]
+def path_mode(path: str):
+    """The formulation a path runs, as a context: ``fast`` uses the fused Triton kernels where they serve (CUDA
+    inference), ``fast-eager`` is the fast path without them, ``fast+compile`` the fast path compiled."""
+    from edtir.models import kernels
+    from edtir.models.edt import attention_mode
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(attention_mode(path.split("+")[0].removesuffix("-eager")))
+    stack.enter_context(kernels.enabled(not path.endswith("-eager")))
+    return stack
 
 
 def train_rows(name, s, device, precisions, paths, args):
     sys.path.insert(0, str(HERE))
     from train_speed import bench
 
-    from edtir.models.edt import attention_mode, build_model
+    from edtir.models.edt import build_model
 
     batch, patch = s["train"]
     flop = flops(build_model(s["size"], [s["task"]]), s)
@@ -277,9 +281,9 @@ def train_rows(name, s, device, precisions, paths, args):
     for prec in precisions:
         res = {}
         for p in paths:
-            if p == "fast+compile":
+            if p == "fast+compile" or p.endswith("-eager"):  # training runs neither compiled nor fused kernels
                 continue
-            with attention_mode(p):
+            with path_mode(p):
                 try:
                     res[p] = bench(s["size"], s["task"], batch, patch, device, prec == "bf16", warmup, steps, 0.1)
                 except torch.OutOfMemoryError:
@@ -300,7 +304,6 @@ def train_rows(name, s, device, precisions, paths, args):
 def quality_rows(name, s, device, precisions, paths, args):
     from edtir import load_model, zoo
     from edtir.evaluate import evaluate_folder
-    from edtir.models.edt import attention_mode
 
     folder = DATA / "Set5"
     if not folder.is_dir():
@@ -317,7 +320,7 @@ def quality_rows(name, s, device, precisions, paths, args):
         base = None
         for prec in precisions:
             for p in (q for q in paths if q != "fast+compile"):
-                with attention_mode(p):
+                with path_mode(p):
                     r = evaluate_folder(model, "sr-x2", folder, device=device, precision=prec, progress=False)
                 base = r["psnr"] if base is None else base
                 print(row(s["label"], p, prec, r["seconds"], check=f"PSNR {r['psnr']:.3f} dB, "
@@ -328,7 +331,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--workloads", help="comma list (default: every workload for the device)")
-    ap.add_argument("--paths", default="reference,fast", help="comma list of reference,fast")
+    ap.add_argument("--paths", default="reference,fast",
+                    help="comma list of reference, fast, fast-eager (the fast path without the Triton kernels)")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32,bf16")
     ap.add_argument("--threads", type=int, help="CPU threads (default 2; 1 with --quick)")
     ap.add_argument("--repeats", type=int, help="timed runs per cell (default 3 CPU, 5 GPU; 1 with --quick)")

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tasks and sizes
 # ---------------------------------------------------------------------------------------------------------------
@@ -785,12 +787,62 @@ class EDTBlock(nn.Module):
         if isinstance(plan, tuple):
             x = x + self.drop_path(self.attention_reference(self.norm1(x), plan))
             return x + self.drop_path(self.mlp(self.norm2(x)))
+        if not self.training and kernels.serves(x) and not exporting() and not torch.compiler.is_compiling():
+            return self.forward_fused(x)
         y = self.attention_fast(self.norm1(x), plan)
         if self.training and self.drop_path.p > 0:
             x = x + self.drop_path(linear(self.proj, y))
             return x + self.drop_path(self.mlp(self.norm2(x)))
         x = linear(self.proj, y, residual=x)  # the residual adds fuse into the products where they can
         return self.mlp(self.norm2(x), residual=x)
+
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The fast path for inference on CUDA, through the Triton kernels of :mod:`kernels`: layer norms that write
+        the products' dtype, 16-aligned wide (zero columns; the weights get zero columns too), the second one fused
+        with the residual add before it; both attention branches with the shift mask and LePE in one kernel that
+        reads the qkv map and writes ``proj``'s input (no gather, scatter or mask tensor); the FFN's depthwise conv
+        with its GELU in one kernel on the channel-last map. The matrix products are PyTorch's, on weights laid out
+        for this once (:meth:`fused_weights`)."""
+        B, H, W, C = x.shape
+        a = self.attns[0]
+        dtype = kernels.out_dtype(x)
+        wq, bq, wp, bp, w1, b1, w2, b2, lw, lb = self.fused_weights(dtype, x.device)
+        width = wq.shape[1]
+        qkv = F.linear(kernels.layer_norm(x, self.norm1, width=width), wq, bq)  # (B, H, W, [branch, q/k/v, head, D])
+        y = kernels.window_attention(qkv, (B, H, W), a.window, self.shift_h, a.heads, a.head_dim, lw, lb)
+        y = F.linear(y, wp, bp)[..., :C]
+        x, h = kernels.layer_norm(x, self.norm2, add=y, width=width)  # the residual add and the norm in one pass
+        h = kernels.dwconv_gelu(F.gelu(F.linear(h, w1, b1)), self.mlp.dwconv.weight, self.mlp.dwconv.bias)
+        return x + F.linear(h, w2, b2)[..., :C]
+
+    def fused_weights(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+        """The weights :meth:`forward_fused` reads, in ``dtype``: qkv's rows in the attention kernel's order, q
+        scaled, head dims padded (:meth:`qkv_weight`); zero columns where the norms' and the attention's outputs
+        are padded; output rows padded to a multiple of 8 (``proj``, ``fc2``: 180 -> 184); LePE's kernels padded
+        like v. Built once and kept while no parameter changes (each parameter's data pointer and version)."""
+        key = (dtype, str(device), tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        cached = getattr(self, "_fused", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        a = self.attns[0]
+        C = self.proj.weight.shape[0]
+        pad, width = kernels.head_pad(a.head_dim), kernels.width_pad(C)
+
+        def rows8(w, b):  # output rows (and bias) padded to a multiple of 8
+            n = -w.shape[0] % 8
+            return F.pad(w, (0, 0, 0, n)), F.pad(b, (0, n))
+
+        with torch.inference_mode(False), torch.no_grad():  # kept: usable outside inference_mode too
+            wq, bq = self.qkv_weight((pad, pad), scale_q=True)
+            wp, bp = rows8(kernels.pad_columns(self.proj.weight, a.heads, a.head_dim), self.proj.bias)
+            w2, b2 = rows8(self.mlp.fc2.weight, self.mlp.fc2.bias)
+            lw, lb = kernels.pad_lepe(*kernels.lepe_weights(self), a.heads, a.head_dim)
+            weights = tuple(t.to(dtype).contiguous() for t in (
+                F.pad(wq, (0, width - C)), bq, wp, bp, F.pad(self.mlp.fc1.weight, (0, width - C)), self.mlp.fc1.bias,
+                w2, b2)) + (lw, lb)
+        self._fused = (key, weights)
+        return weights
 
 
 class ResidualGroup(nn.Module):

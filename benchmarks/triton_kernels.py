@@ -1,0 +1,152 @@
+"""The fused Triton kernels of ``edtir.models.kernels`` at EDT-B's shapes on a GPU: each kernel's tile sizes swept,
+each against the eager PyTorch it replaces, and one whole transformer block fused against eager.
+
+    python benchmarks/triton_kernels.py                       # EDT-B x2 at 240x360 (the issue's workload)
+    python benchmarks/triton_kernels.py --hw 120x180 --size T
+    python benchmarks/triton_kernels.py --env best.env        # also write the fastest tiles as environment lines
+
+Times are medians of ``triton.testing.do_bench`` (CUDA events) in ms; "GB/s" counts the bytes each kernel must move
+at the least (inputs read once, output written once). Every variant's output is checked against the first one.
+``--env`` writes ``EDTIR_ATTENTION_BLOCKS=...`` and ``EDTIR_DWCONV_BLOCKS=...`` (read by ``edtir.models.kernels``),
+so a later run in the same lease can use the tiles that won here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_TILES = [(32, 16, 4), (64, 16, 4), (64, 32, 4), (64, 16, 8), (128, 16, 8), (128, 32, 8), (32, 16, 2)]
+DWCONV_TILES = [(16, 64, 4), (16, 32, 2), (32, 32, 4), (8, 128, 4), (16, 128, 4), (32, 64, 4), (32, 128, 8),
+                (64, 64, 8)]
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def tile_table(title, label, run, tiles, moved):
+    """Time ``run(tiles)`` for each tile choice; print a row each; return the fastest choice and its output."""
+    print(f"\n## {title}")
+    print(f"{label:<24}{'ms':>9}{'GB/s':>9}  check")
+    first, rows = None, []
+    for t in tiles:
+        try:
+            out = run(t).float()
+            first = out if first is None else first
+            ms = bench(partial(run, t))
+            rows.append((ms, t))
+            print(f"{str(t):<24}{ms:9.3f}{moved / ms / 1e6:9.0f}  {(out - first).abs().max().item():.1e}")
+        except Exception as e:  # a tile that does not compile here (shared memory, registers)
+            print(f"{str(t):<24}{'-':>9}{'-':>9}  {type(e).__name__}: {str(e)[:80]}")
+    return (min(rows)[1] if rows else None), first
+
+
+def sweep(prec, blk, x, layout) -> dict:
+    """One precision: the attention and conv kernels' tiles, the eager code beside them, one whole block."""
+    from edtir.models import edt, kernels
+
+    a = blk.attns[0]
+    heads, hd = a.heads, a.head_dim
+    D = kernels.head_pad(hd)
+    H, W = x.shape[1:3]
+    best = {}
+    w, b = blk.qkv_weight((D, D), scale_q=True)
+    qkv = edt.linear(blk.qkv, kernels.layer_norm(x, blk.norm1), weight=w, bias=b)
+    lw, lb = kernels.lepe_weights(blk)
+    moved = qkv.numel() * qkv.element_size() + H * W * 2 * heads * D * qkv.element_size()
+    win, _ = tile_table(f"{prec}: attention kernel (qkv {tuple(qkv.shape)} {qkv.dtype})", "tiles (M, N, warps)",
+                        lambda t: kernels.window_attention(qkv, (1, H, W), a.window, blk.shift_h, heads, hd, lw, lb,
+                                                           blocks=t), ATTENTION_TILES, moved)
+    if win and prec == "bf16":
+        best["EDTIR_ATTENTION_BLOCKS"] = ",".join(map(str, win))
+    # what it replaces: the eager fast path's norm, qkv, gather, SDPA, LePE conv and scatter
+    with kernels.enabled(False):
+        t_eager = bench(lambda: blk.attention_fast(blk.norm1(x), layout))
+    t_ln = bench(lambda: blk.norm1(x))
+    t_lnk = bench(lambda: kernels.layer_norm(x, blk.norm1))
+    t_qkv = bench(lambda: edt.linear(blk.qkv, kernels.layer_norm(x, blk.norm1), weight=w, bias=b))
+    print(f"eager attention_fast (norm, qkv, gather, SDPA, LePE, scatter): {t_eager:.3f} ms; its norm {t_ln:.3f} ms; "
+          f"fused norm {t_lnk:.3f} ms; fused norm + qkv product {t_qkv:.3f} ms")
+    # the products that read a norm's output: K = C (180 for EDT-B) against K padded to 16 (192)
+    C = x.shape[-1]
+    wide = kernels.width_pad(C)
+    xn, xw = kernels.layer_norm(x, blk.norm1), kernels.layer_norm(x, blk.norm1, width=wide)
+    times = []
+    for name, wt, bias in (("qkv", w, b), ("fc1", blk.mlp.fc1.weight, blk.mlp.fc1.bias)):
+        wt = wt.to(xn.dtype)
+        wt_wide = F.pad(wt, (0, wide - C))
+        times.append(f"{name} K={C} {bench(lambda wt=wt, bias=bias: F.linear(xn, wt, bias.to(xn.dtype))):.3f} ms, "
+                     f"K={wide} {bench(lambda wt=wt_wide, bias=bias: F.linear(xw, wt, bias.to(xn.dtype))):.3f} ms")
+    print("products: " + "; ".join(times))
+
+    h = edt.linear(blk.mlp.fc1, kernels.layer_norm(x, blk.norm2), gelu=True)  # the FFN's middle
+    conv = blk.mlp.dwconv
+    win, fused = tile_table(f"{prec}: depthwise 5x5 conv + GELU (map {tuple(h.shape)} {h.dtype})",
+                            "tiles (W, C, warps)", lambda t: kernels.dwconv_gelu(h, conv.weight, conv.bias, blocks=t),
+                            DWCONV_TILES, 2 * h.numel() * h.element_size())
+    if win and prec == "bf16":
+        best["EDTIR_DWCONV_BLOCKS"] = ",".join(map(str, win))
+    ref = F.gelu(conv(h.permute(0, 3, 1, 2).contiguous())).permute(0, 2, 3, 1)
+    t_ref = bench(lambda: F.gelu(conv(h.permute(0, 3, 1, 2).contiguous())))
+    t_cl = bench(lambda: F.gelu(conv(h.permute(0, 3, 1, 2))))
+    diff = (fused - ref.float()).abs().max().item() if fused is not None else float("nan")
+    print(f"eager: NCHW copy + conv + GELU {t_ref:.3f} ms, channels-last conv + GELU {t_cl:.3f} ms; "
+          f"max |fused - eager| {diff:.1e}")
+
+    with kernels.enabled(False):  # one whole block
+        t_eager = bench(lambda: blk(x, layout))
+        y_eager = blk(x, layout).float()
+    t_blk = bench(lambda: blk(x, layout))
+    y = blk(x, layout).float()
+    print(f"\n## {prec}: one shifted block: eager fast {t_eager:.3f} ms, fused {t_blk:.3f} ms "
+          f"({t_eager / t_blk:.2f}x); max |fused - eager| {(y - y_eager).abs().max().item():.1e}")
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="B", help="EDT size (T, S, B, L)")
+    ap.add_argument("--hw", default="240x360", help="token map, HxW (SR x2's LR input size)")
+    ap.add_argument("--precisions", default="bf16,fp32")
+    ap.add_argument("--env", help="write the fastest tiles (bf16) to this file as KEY=value lines")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from edtir.models import edt, kernels
+
+    if not kernels.available():
+        print("Triton is not importable here", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    H, W = (int(v) for v in args.hw.split("x"))
+    torch.manual_seed(0)
+    model = edt.build_model(args.size, ["sr-x2"], drop_path=0.0).cuda().eval()
+    blk = model.body.layers[0].residual_group.blocks[1]  # a shifted block
+    a = blk.attns[0]
+    C = blk.norm1.normalized_shape[0]
+    x = torch.randn(1, H, W, C, device="cuda")
+    layout = model.body.layouts(H, W, x.device)
+    print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; EDT-{args.size} block, {H}x{W} tokens, "
+          f"C {C}, {a.heads} heads of {a.head_dim} (padded {kernels.head_pad(a.head_dim)}) per branch, "
+          f"window {a.window}")
+    best = {}
+    for prec in args.precisions.split(","):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=prec == "bf16"):
+            best.update(sweep(prec, blk, x, layout))
+    if args.env and best:
+        with open(args.env, "w") as f:
+            f.writelines(f"{k}={v}\n" for k, v in best.items())
+        print("\n# fastest tiles (bf16): " + ", ".join(f"{k}={v}" for k, v in best.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Fused Triton kernels for EDT inference on CUDA: what a transformer block does between its matrix products.
+
+The eager fast path (``edt.py``) runs a block as about twenty kernels, most of them memory-bound: on an H200 an
+EDT-B x2 pass over a 240x360 input spent more time in PyTorch's depthwise-conv kernel, in cuDNN's flash attention
+at a sequence of 144 and in the copies around them than in the products (docs/performance.md). Here three kernels
+replace that middle:
+
+- :func:`window_attention`: both branches' shifted window attention with LePE, read straight from the qkv
+  projection's token map and written straight into the map ``proj`` reads. No gather, no scatter, no mask tensor
+  (region labels are computed from the position), no separate LePE convolution.
+- :func:`dwconv_gelu`: the FFN's 5x5 depthwise conv, its bias and GELU on the channel-last map, no layout copy.
+- :func:`layer_norm`: LayerNorm that writes the dtype the next product wants (bf16 under autocast; PyTorch's
+  autocast norm writes fp32, then the product casts it again).
+
+Used by :meth:`edt.EDTBlock.forward` for inference on CUDA when Triton is importable (``EDTIR_TRITON=0`` turns it
+off). Tests run them on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, see ``interpreting``) and on a
+GPU against the reference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # an optional dependency: CUDA builds of torch ship it; the CPU tests install it for the interpreter
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+#: EDTIR_TRITON=0 in the environment (or ``with kernels.enabled(False)``) keeps the eager fast path on CUDA too.
+_enabled = [os.environ.get("EDTIR_TRITON", "1") != "0"]
+
+
+@contextlib.contextmanager
+def enabled(on: bool):
+    """Use the fused kernels where they serve (True) or never (False) inside the ``with`` block."""
+    old, _enabled[0] = _enabled[0], bool(on)
+    try:
+        yield
+    finally:
+        _enabled[0] = old
+
+
+def available() -> bool:
+    return triton is not None and _enabled[0]
+
+
+def interpreting() -> bool:
+    """Triton's interpreter runs the kernels on CPU tensors (slowly): for tests only, never chosen by default."""
+    return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether the fused kernels run for this input: CUDA (or the interpreter on the CPU), inference (no_grad or
+    inference_mode: they have no backward)."""
+    return (available() and (x.is_cuda or (x.device.type == "cpu" and interpreting()))
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and not torch.is_grad_enabled())
+
+
+def head_pad(head_dim: int) -> int:
+    """q, k and v head dims the attention kernel reads: a multiple of 16 (the smallest matrix-product tile)."""
+    return -(-head_dim // 16) * 16
+
+
+def out_dtype(x: torch.Tensor) -> torch.dtype:
+    """What a product under the current autocast would read: the autocast dtype, else ``x``'s."""
+    dev = "cuda" if x.is_cuda else "cpu"
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+if triton is not None:
+
+    @triton.jit
+    def _positions(t, A: tl.constexpr, B: tl.constexpr, wr, wc, s_r, s_c, H, W, pix0, SHIFTED: tl.constexpr):
+        """Token t (row-major in an A x B window at grid cell (wr, wc) of the map rolled by -(s_r, s_c)) ->
+        (its pixel row in the token map, its shift-region label). A and B are constants, so t // B is cheap, and
+        the roll wraps by one subtraction (i + s < 2 H), not a division."""
+        i = wr * A + t // B
+        j = wc * B + t % B
+        if SHIFTED:
+            si = tl.where(i + s_r >= H, i + s_r - H, i + s_r)
+            sj = tl.where(j + s_c >= W, j + s_c - W, j + s_c)
+            label = ((i >= H - A).to(tl.int32) + (i >= H - s_r).to(tl.int32)) * 3 \
+                + (j >= W - B).to(tl.int32) + (j >= W - s_c).to(tl.int32)
+        else:
+            si = i
+            sj = j
+            label = i * 0
+        return pix0 + si.to(tl.int64) * W + sj, label
+
+    @triton.jit
+    def _attend(qkv_ptr, out_ptr, lw_ptr, lb_ptr, H, W, w, pix0, h, m0, s_r, s_c, BR: tl.constexpr,
+                A: tl.constexpr, B: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr,
+                SHIFTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+        """Query tokens [m0, m0 + BLOCK_M) of head h in window w of branch BR, whose windows are A x B."""
+        N: tl.constexpr = A * B
+        TW: tl.constexpr = 6 * HEADS * D  # qkv row: [branch][q, k, v][head][D]
+        ncol = W // B
+        wr = w // ncol
+        wc = w % ncol
+        col = tl.arange(0, D)
+        base = BR * 3 * HEADS * D + h * D
+        t_q = m0 + tl.arange(0, BLOCK_M)
+        ok_q = t_q < N
+        pos_q, lab_q = _positions(t_q, A, B, wr, wc, s_r, s_c, H, W, pix0, SHIFTED)
+        q = tl.load(qkv_ptr + pos_q[:, None] * TW + base + col[None, :], mask=ok_q[:, None], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            t_k = n0 + tl.arange(0, BLOCK_N)
+            ok_k = t_k < N
+            pos_k, lab_k = _positions(t_k, A, B, wr, wc, s_r, s_c, H, W, pix0, SHIFTED)
+            kv = qkv_ptr + pos_k[:, None] * TW + base + col[None, :]
+            k = tl.load(kv + HEADS * D, mask=ok_k[:, None], other=0.0)
+            v = tl.load(kv + 2 * HEADS * D, mask=ok_k[:, None], other=0.0)
+            if DOT_F32:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            if SHIFTED:  # Swin's mask: -100 between tokens the cyclic shift brought together from two regions
+                s = s + tl.where(lab_q[:, None] != lab_k[None, :], -100.0, 0.0)
+            if N % BLOCK_N != 0:
+                s = tl.where(ok_k[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DOT_F32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+
+        # LePE: a 3x3 depthwise conv on v inside the window (zeros beyond its border), in the branch's own frame.
+        # Its weights come padded like v ((2 * HEADS * D, 9), zeros in the padding), so no load is masked by column;
+        # the taps are a loop, not unrolled (unrolled, their loads in flight doubled the registers)
+        vp = qkv_ptr + base + 2 * HEADS * D + col[None, :]
+        lw = lw_ptr + (BR * HEADS * D + h * D + col) * 9
+        out += tl.load(lb_ptr + BR * HEADS * D + h * D + col)[None, :]
+        ti = t_q // B
+        tj = t_q % B
+        for di in range(3):
+            for dj in range(3):
+                ni = ti + (di - 1)
+                nj = tj + (dj - 1)
+                inside = ok_q & (ni >= 0) & (ni < A) & (nj >= 0) & (nj < B)
+                pos_n, _ = _positions(tl.where(inside, ni * B + nj, 0), A, B, wr, wc, s_r, s_c, H, W, pix0, SHIFTED)
+                vn = tl.load(vp + pos_n[:, None] * TW, mask=inside[:, None], other=0.0)
+                out += vn.to(tl.float32) * tl.load(lw + di * 3 + dj)[None, :]
+        # written padded like v, (pixel, branch, head, D): whole aligned rows, zeros in the padding
+        tl.store(out_ptr + pos_q[:, None] * (2 * HEADS * D) + BR * HEADS * D + h * D + col[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=ok_q[:, None])
+
+    # sizes are not specialised on (Triton would compile again for every new divisibility of H and W)
+    @triton.jit(do_not_specialize=["H", "W", "s_h0", "s_h1"])
+    def _window_attention_kernel(
+            qkv_ptr, out_ptr, lw_ptr, lb_ptr, H, W, s_h0, s_h1,
+            HEADS: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+            SHIFTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+        # one program: BLOCK_M query tokens of one (image, window, branch, head); the horizontal branch's windows
+        # are WH x WW and shifted by (s_h0, s_h1), the vertical branch's are the transposes
+        nwin = (H // WH) * (W // WW)  # windows per image: the same for both branches
+        img = tl.program_id(0) // nwin
+        w = tl.program_id(0) % nwin
+        pix0 = img.to(tl.int64) * H * W
+        h = tl.program_id(1) % HEADS
+        m0 = tl.program_id(2) * BLOCK_M
+        if tl.program_id(1) < HEADS:
+            _attend(qkv_ptr, out_ptr, lw_ptr, lb_ptr, H, W, w, pix0, h, m0, s_h0, s_h1, 0, WH, WW, HEADS, D,
+                    SHIFTED, BLOCK_M, BLOCK_N, DOT_F32)
+        else:
+            _attend(qkv_ptr, out_ptr, lw_ptr, lb_ptr, H, W, w, pix0, h, m0, s_h1, s_h0, 1, WW, WH, HEADS, D,
+                    SHIFTED, BLOCK_M, BLOCK_N, DOT_F32)
+
+    @triton.jit(do_not_specialize=["H", "W"])
+    def _dwconv_gelu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, CH: tl.constexpr,
+                            K: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # one program: BLOCK_W pixels of one row x BLOCK_C channels of a channel-last (B, H, W, CH) map. CH is a
+        # constant (the model's hidden width), so rows are known to be aligned and loads go 16 bytes at a time;
+        # row pointers are 64-bit scalars, offsets within a row 32-bit
+        row = tl.program_id(0)  # image * H + y
+        y = row % H
+        x = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok_c = c < CH
+        acc = tl.zeros([BLOCK_W, BLOCK_C], tl.float32) + tl.load(b_ptr + c, mask=ok_c, other=0.0)[None, :]
+        for ky in range(K):  # loops, not unrolled: 25 tiles of loads in flight at once spill registers
+            yy = y + ky - K // 2
+            src = x_ptr + (row + ky - K // 2).to(tl.int64) * W * CH
+            for kx in range(K):
+                xx = x + kx - K // 2
+                ok = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+                v = tl.load(src + xx[:, None] * CH + c[None, :], mask=ok[:, None] & ok_c[None, :], other=0.0)
+                acc += v.to(tl.float32) * tl.load(w_ptr + c * (K * K) + ky * K + kx, mask=ok_c, other=0.0)[None, :]
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # exact GELU, as F.gelu
+        dst = out_ptr + row.to(tl.int64) * W * CH
+        tl.store(dst + x[:, None] * CH + c[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(x < W)[:, None] & ok_c[None, :])
+
+    @triton.jit(do_not_specialize=["M"])
+    def _layer_norm_kernel(x_ptr, y_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, M, eps, C: tl.constexpr, YS: tl.constexpr,
+                           CP: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # rows of x (width C), plus rows of y (row stride YS) if HAS_Y, the sum stored to sum_ptr; the norm is
+        # written CP wide, zeros beyond C
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        ok = (r < M)[:, None] & (c < C)[None, :]
+        x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_Y:
+            x += tl.load(y_ptr + r[:, None] * YS + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(sum_ptr + r[:, None] * C + c[None, :], x.to(sum_ptr.dtype.element_ty), mask=ok)
+        mean = tl.sum(x, 1) / C
+        d = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
+        y = d * rstd[:, None] * tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] \
+            + tl.load(b_ptr + c, mask=c < C, other=0.0)[None, :]
+        tl.store(out_ptr + r[:, None] * CP + c[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=(r < M)[:, None] & (c < CP)[None, :])
+
+
+def _tiles(name: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Tile sizes and warps from the environment (``benchmarks/triton_kernels.py --env`` writes them), else
+    ``default``."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        tiles = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        tiles = ()
+    if len(tiles) != 3 or any(v <= 0 or v & (v - 1) for v in tiles):
+        raise ValueError(f"{name}={raw!r}: expected three powers of two, e.g. {','.join(map(str, default))}")
+    return tiles
+
+
+#: query tokens, key tokens per step, warps per program of the attention kernel (EDTIR_ATTENTION_BLOCKS);
+#: benchmarks/triton_kernels.py times the choices
+ATTENTION_BLOCKS = _tiles("EDTIR_ATTENTION_BLOCKS", (32, 16, 2))
+
+
+def window_attention(qkv: torch.Tensor, shape, window: tuple[int, int], shift: tuple[int, int], heads: int,
+                     head_dim: int, lepe_weight: torch.Tensor, lepe_bias: torch.Tensor,
+                     blocks: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Both branches of an EDT block's attention, LePE added: (B, H, W, 2 * 3 * heads * D) qkv in the layout of
+    :meth:`edt.EDTBlock.qkv_weight` (q pre-scaled, head dims zero-padded to D = :func:`head_pad`) ->
+    (B, H, W, 2 * heads * D), [horizontal | vertical] per pixel, each head padded to D with zeros (aligned rows
+    store fast; ``proj`` reads it with zero columns in its weight, :func:`unpad` drops them).
+
+    ``window`` is the horizontal branch's (the vertical one is its transpose), ``shift`` its roll ((0, 0) for an
+    unshifted block); ``lepe_weight`` (2 * heads * head_dim, 9) holds both branches' 3x3 kernels, each in its own
+    window's frame (or already padded by :func:`pad_lepe`)."""
+    B, H, W = shape
+    D = head_pad(head_dim)
+    wh, ww = window
+    if qkv.shape[-1] != 6 * heads * D or H % wh or W % ww or H % ww or W % wh:
+        raise ValueError(f"window_attention: qkv {tuple(qkv.shape)} or map {H}x{W} does not fit window {window}")
+    qkv = qkv.contiguous()
+    out = qkv.new_empty(B, H, W, 2 * heads * D)
+    bm, bn, warps = (tuple(blocks or ATTENTION_BLOCKS) + (4,))[:3]
+    n = wh * ww
+    if lepe_weight.shape[0] != 2 * heads * D:
+        lepe_weight, lepe_bias = pad_lepe(lepe_weight, lepe_bias, heads, head_dim)
+    grid = (B * (H // wh) * (W // ww), 2 * heads, triton.cdiv(n, bm))
+    _window_attention_kernel[grid](
+        qkv, out, lepe_weight, lepe_bias, H, W, shift[0], shift[1],
+        HEADS=heads, D=D, WH=wh, WW=ww, SHIFTED=bool(shift[0] or shift[1]),
+        BLOCK_M=bm, BLOCK_N=bn, DOT_F32=qkv.dtype == torch.float32, num_warps=warps)
+    return out
+
+
+#: pixels, channels, warps per program of the depthwise conv kernel (EDTIR_DWCONV_BLOCKS)
+DWCONV_BLOCKS = _tiles("EDTIR_DWCONV_BLOCKS", (16, 128, 4))
+
+
+def pad_lepe(weight: torch.Tensor, bias: torch.Tensor, heads: int, head_dim: int):
+    """LePE's (2 * heads * head_dim, 9) kernels and biases, fp32, padded per head like v (zeros)."""
+    pad = (0, 0, 0, head_pad(head_dim) - head_dim)  # (2 * heads, head_dim, 9) -> (2 * heads, D, 9)
+    return (F.pad(weight.float().reshape(2 * heads, head_dim, 9), pad).reshape(-1, 9).contiguous(),
+            F.pad(bias.float().reshape(2 * heads, head_dim), pad[2:]).reshape(-1).contiguous())
+
+
+def unpad(out: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """:func:`window_attention`'s output without its padding: (..., 2 * heads * head_dim)."""
+    return out.unflatten(-1, (2 * heads, -1))[..., :head_dim].flatten(-2)
+
+
+def pad_columns(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """A (out, 2 * heads * head_dim) weight read against :func:`window_attention`'s padded output: zero columns
+    where the output has padding."""
+    D = head_pad(head_dim)
+    return F.pad(weight.unflatten(1, (2 * heads, head_dim)), (0, D - head_dim)).flatten(1)
+
+
+def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                blocks: tuple[int, ...] | None = None) -> torch.Tensor:
+    """GELU(depthwise conv(x) + bias), 'same' zero padding, on a channel-last (B, H, W, C) map; ``weight`` is the
+    conv's (C, 1, k, k). The accumulation is fp32 whatever x's dtype."""
+    B, H, W, C = x.shape
+    k = weight.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    bw, bc, warps = (tuple(blocks or DWCONV_BLOCKS) + (4,))[:3]
+    grid = (B * H, triton.cdiv(W, bw), triton.cdiv(C, bc))
+    _dwconv_gelu_kernel[grid](x, weight.float().reshape(C, k * k).contiguous(), bias.float().contiguous(), out,
+                              H, W, C, K=k, BLOCK_W=bw, BLOCK_C=bc, num_warps=warps)
+    return out
+
+
+def width_pad(channels: int) -> int:
+    """Width the norms write for the products after them: a multiple of 16, so each row is 32-byte aligned in bf16.
+    At EDT-B's 180, cuBLAS picked an sm80 kernel for K = 180 and a Hopper one for K = 192 (H200)."""
+    return -(-channels // 16) * 16
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, dtype: torch.dtype | None = None,
+               add: torch.Tensor | None = None, width: int | None = None):
+    """``norm(x)`` over the last dim, in ``dtype`` (default: :func:`out_dtype`), statistics in fp32, written
+    ``width`` wide (zero columns beyond x's; default x's width). With ``add``: the norm of ``x + add`` (``add`` may
+    be a column slice of a wider tensor), returned with the sum as ``(sum, norm)`` from one pass."""
+    C = x.shape[-1]
+    CP = width or C
+    x = x.contiguous()
+    M = x.numel() // C
+    out = torch.empty(*x.shape[:-1], CP, dtype=dtype or out_dtype(x), device=x.device)
+    bc = triton.next_power_of_2(CP)
+    br = max(1, 2048 // bc)
+    if add is not None:
+        add = add.flatten(0, -2)  # a view where it can be (rows of a column slice keep their stride)
+        if add.stride(-1) != 1:
+            add = add.contiguous()
+        total = torch.empty_like(x, dtype=torch.promote_types(x.dtype, add.dtype))
+    y, ys, total_arg = (add, add.stride(0), total) if add is not None else (x, C, x)
+    _layer_norm_kernel[(triton.cdiv(M, br),)](
+        x, y, total_arg, norm.weight.float().contiguous(), norm.bias.float().contiguous(), out, M, norm.eps,
+        C=C, YS=ys, CP=CP, HAS_Y=add is not None, BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+    return (total, out) if add is not None else out
+
+
+def lepe_weights(block) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both branches' LePE kernels as (2 * half, 9) and biases (2 * half,), each in its own window's frame."""
+    a, b = block.attns
+    return (torch.cat([a.lepe.weight, b.lepe.weight]).flatten(1), torch.cat([a.lepe.bias, b.lepe.bias]))
+
+
+def reference_window_attention(qkv, shape, window, shift, heads, head_dim, lepe_weight, lepe_bias):
+    """What :func:`window_attention` computes, in plain PyTorch (rolls, partitions, explicit softmax): for tests."""
+    from .edt import shift_mask, window_partition, window_reverse
+
+    B, H, W = shape
+    D = head_pad(head_dim)
+    half = heads * head_dim
+    t = qkv.float().view(B, H, W, 2, 3, heads, D)[..., :head_dim]
+    outs = []
+    for br, win, s in ((0, window, shift), (1, window[::-1], shift[::-1])):
+        part = t[:, :, :, br]  # (B, H, W, 3, heads, d)
+        if s[0] or s[1]:
+            part = torch.roll(part, shifts=(-s[0], -s[1]), dims=(1, 2))
+        wins = window_partition(part.reshape(B, H, W, -1), *win).view(-1, win[0] * win[1], 3, heads, head_dim)
+        q, k, v = wins.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, heads, N, d)
+        logits = q @ k.transpose(-1, -2)
+        if s[0] or s[1]:
+            mask = shift_mask(H, W, win, s, qkv.device)
+            nw = mask.shape[0]
+            logits = (logits.view(B, nw, heads, *logits.shape[-2:]) + mask[None, :, None]).flatten(0, 1)
+        o = logits.softmax(-1) @ v
+        img = v.transpose(-1, -2).reshape(-1, half, *win)
+        lw, lb = lepe_weight[br * half:(br + 1) * half], lepe_bias[br * half:(br + 1) * half]
+        lepe = F.conv2d(img, lw.view(half, 1, 3, 3).float(), lb.float(), padding=1, groups=half)
+        o = o + lepe.view(-1, heads, head_dim, o.shape[2]).transpose(-1, -2)
+        o = window_reverse(o.transpose(1, 2).reshape(-1, win[0] * win[1], half), *win, B, H, W)
+        if s[0] or s[1]:
+            o = torch.roll(o, shifts=s, dims=(1, 2))
+        outs.append(o)
+    return torch.cat(outs, -1)

@@ -1,0 +1,145 @@
+"""The fused Triton kernels (edtir.models.kernels) against plain PyTorch, kernel by kernel and in the model.
+
+They run on a CUDA GPU, or on the CPU through Triton's interpreter: ``test_kernels_interpreted`` reruns this
+file in a fresh process with ``TRITON_INTERPRET=1`` (tiny sizes: the interpreter runs each program in Python)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_fast_paths import sharpen
+
+import edtir
+from edtir.models import kernels
+from edtir.models.edt import reference_mode
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+runs_here = pytest.mark.skipif(not (kernels.available() and (CUDA or kernels.interpreting())),
+                               reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1: test_kernels_interpreted)")
+#: the attention kernel's query and key tiles in these tests: the smallest matrix-product tile
+BLOCKS = (16, 16)
+
+
+def rand_qkv(B, H, W, heads, head_dim, dtype=torch.float32, seed=0):
+    """qkv in the kernel's layout, padded head-dim columns zero (as the padded projection makes them)."""
+    g = torch.Generator().manual_seed(seed)
+    D = kernels.head_pad(head_dim)
+    qkv = torch.randn(B, H, W, 2, 3, heads, D, generator=g)
+    qkv[..., head_dim:] = 0
+    return qkv.reshape(B, H, W, -1).to(DEVICE, dtype)
+
+
+CASES = [  # (B, H, W), window, shift, heads, head dim
+    ((1, 8, 16), (4, 8), (2, 4), 2, 5),
+    ((2, 8, 8), (4, 8), (0, 0), 1, 15),
+    ((1, 12, 12), (4, 6), (2, 3), 2, 10),
+    ((1, 8, 8), (2, 8), (1, 4), 1, 16),  # N = 16, one tile; head dim not padded
+]
+
+
+@runs_here
+@pytest.mark.parametrize("shape,window,shift,heads,head_dim", CASES)
+def test_window_attention_equals_plain_pytorch(shape, window, shift, heads, head_dim):
+    torch.manual_seed(1)
+    qkv = rand_qkv(*shape, heads, head_dim) * 2  # peaked softmax: a wrong mask or token would show
+    lw = torch.randn(2 * heads * head_dim, 9, device=DEVICE)
+    lb = torch.randn(2 * heads * head_dim, device=DEVICE)
+    padded = kernels.window_attention(qkv, shape, window, shift, heads, head_dim, lw, lb, blocks=BLOCKS)
+    out = kernels.unpad(padded, heads, head_dim)
+    ref = kernels.reference_window_attention(qkv, shape, window, shift, heads, head_dim, lw, lb)
+    assert out.shape == ref.shape == (*shape, 2 * heads * head_dim)
+    assert (out - ref).abs().max() <= 1e-4
+    assert not padded.unflatten(-1, (2 * heads, -1))[..., head_dim:].any()  # the padding is zeros
+    if shift != (0, 0):  # the mask matters here: without it the output differs
+        plain = kernels.reference_window_attention(qkv, shape, window, (0, 0), heads, head_dim, lw, lb)
+        assert (plain - ref).abs().max() > 1e-2
+
+
+@runs_here
+def test_dwconv_gelu_and_layer_norm_equal_pytorch():
+    torch.manual_seed(2)
+    x = torch.randn(2, 7, 37, 20, device=DEVICE)  # widths and channels that are not multiples of the blocks
+    w, b = torch.randn(20, 1, 5, 5, device=DEVICE), torch.randn(20, device=DEVICE)
+    out = kernels.dwconv_gelu(x, w, b, blocks=(16, 16))
+    ref = F.gelu(F.conv2d(x.permute(0, 3, 1, 2), w, b, padding=2, groups=20)).permute(0, 2, 3, 1)
+    assert (out - ref).abs().max() <= 1e-4
+    norm = torch.nn.LayerNorm(20).to(DEVICE)
+    norm.weight.data.normal_()
+    norm.bias.data.normal_()
+    assert (kernels.layer_norm(x, norm) - norm(x)).abs().max() <= 1e-5
+    assert kernels.layer_norm(x, norm, torch.bfloat16).dtype == torch.bfloat16
+    # the residual add fused in, from a column slice (a padded product's output), the norm written 32 wide
+    wide = torch.randn(2, 7, 37, 24, device=DEVICE)
+    total, normed = kernels.layer_norm(x, norm, add=wide[..., :20], width=32)
+    assert (total - (x + wide[..., :20])).abs().max() <= 1e-6
+    assert normed.shape == (2, 7, 37, 32) and not normed[..., 20:].any()
+    assert (normed[..., :20] - norm(total)).abs().max() <= 1e-5
+
+
+@runs_here
+@pytest.mark.parametrize("task,shape", [("sr-x2", (2, 3, 8, 16)), ("denoise-25", (1, 3, 32, 64))])
+def test_fused_model_equals_reference(task, shape, monkeypatch):
+    """A whole EDT (EDT-T widths, small windows so the interpreter copes) through the fused kernels equals the
+    reference path in fp32."""
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCKS", BLOCKS)
+    model = sharpen(edtir.build_model("T", [task], depths=(2,), window_size=(4, 8), drop_path=0.0)).to(DEVICE).eval()
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    used = []
+    monkeypatch.setattr(kernels, "window_attention", lambda *a, _f=kernels.window_attention, **k:
+                        used.append(1) or _f(*a, **k))
+    with torch.no_grad():
+        fused = model(x, task)
+        assert used, "the fused kernels did not run"
+        with reference_mode():
+            ref = model(x, task)
+        with kernels.enabled(False):
+            eager = model(x, task)
+    assert (fused - ref).abs().max() <= 1e-4
+    assert (fused - eager).abs().max() <= 1e-4
+
+
+@pytest.mark.skipif(kernels.triton is None or CUDA, reason="needs Triton; on a GPU the tests above run directly")
+def test_kernels_interpreted():
+    """This file's tests on the CPU, in Triton's interpreter (a fresh process: the variable is read at import)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", EDTIR_TRITON="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+           "-k", "not interpreted and not cuda"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__))
+    assert r.returncode == 0 and " skipped" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+@pytest.mark.skipif(not (CUDA and kernels.available()), reason="needs a CUDA GPU with Triton (bf16 is wrong in "
+                    "Triton's interpreter)")
+def test_bf16_kernels_on_cuda():
+    """bf16 q/k/v (as under autocast): close to the fp32 result of the same inputs."""
+    for shape, window, shift, heads, head_dim in CASES + [((1, 48, 72), (6, 24), (3, 12), 6, 15)]:
+        qkv = rand_qkv(*shape, heads, head_dim, dtype=torch.bfloat16)
+        lw = torch.randn(2 * heads * head_dim, 9, device=DEVICE)
+        lb = torch.randn(2 * heads * head_dim, device=DEVICE)
+        out = kernels.unpad(kernels.window_attention(qkv, shape, window, shift, heads, head_dim, lw, lb), heads,
+                            head_dim)
+        ref = kernels.reference_window_attention(qkv, shape, window, shift, heads, head_dim, lw, lb)
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max(), (shape, window)
+
+
+@pytest.mark.skipif(not (CUDA and kernels.available()), reason="needs a CUDA GPU with Triton")
+@pytest.mark.parametrize("size", ["T", "B"])
+def test_fused_edt_on_cuda(size):
+    """EDT-T/B widths, the default 6x24 windows and tiles: fused = reference in fp32 (TF32 off), close in bf16."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = sharpen(edtir.build_model(size, ["sr-x2"], depths=(2, 2), drop_path=0.0)).cuda().eval()
+    x = torch.rand(2, 3, 48, 72, device="cuda")
+    with torch.no_grad():
+        fused = model(x)
+        with reference_mode():
+            ref = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fused16 = model(x).float()
+    assert (fused - ref).abs().max() <= 1e-4
+    assert (fused16 - ref).abs().max() < 0.05
