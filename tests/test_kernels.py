@@ -102,6 +102,28 @@ def test_fused_model_equals_reference(task, shape, monkeypatch):
     assert (fused - eager).abs().max() <= 1e-4
 
 
+@runs_here
+def test_a_failing_kernel_falls_back_to_pytorch_with_one_warning(monkeypatch):
+    """A kernel that does not compile on some GPU must not fail the user's run: one warning, then PyTorch's path."""
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel image for this GPU")
+
+    calls = []
+    monkeypatch.setattr(kernels, "window_attention", broken)
+    monkeypatch.setattr(kernels, "_failed", set())
+    model = edtir.build_model("T", ["sr-x2"], depths=(2,), window_size=(4, 8), drop_path=0.0).to(DEVICE).eval()
+    x = torch.rand(1, 3, 8, 16, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="fused Triton kernels failed"):
+            out = model(x)
+        again = model(x)
+        with kernels.enabled(False):
+            eager = model(x)
+    assert len(calls) == 1  # not retried
+    assert torch.equal(out, eager) and torch.equal(again, eager)
+
+
 @pytest.mark.skipif(kernels.triton is None or CUDA, reason="needs Triton; on a GPU the tests above run directly")
 def test_kernels_interpreted():
     """This file's tests on the CPU, in Triton's interpreter (a fresh process: the variable is read at import)."""

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
+# Triton 3.9 warns that its default for fusing multiply-adds will change; the kernels were timed with fusion on
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 try:  # an optional dependency: CUDA builds of torch ship it; the CPU tests install it for the interpreter
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
+except Exception:  # pragma: no cover - not installed, or an install that does not import: the PyTorch path
     triton = None
 
 #: EDTIR_TRITON=0 in the environment (or ``with kernels.enabled(False)``) keeps the eager fast path on CUDA too.
@@ -45,8 +48,21 @@ def enabled(on: bool):
         _enabled[0] = old
 
 
+#: devices on which a kernel failed (a GPU or Triton version they do not compile for): PyTorch's path there
+_failed: set[str] = set()
+
+
 def available() -> bool:
     return triton is not None and _enabled[0]
+
+
+def disable(device: torch.device, error: Exception) -> None:
+    """Stop using the kernels on ``device`` after ``error``, with one warning: the model goes on with PyTorch's
+    kernels rather than failing the user's run."""
+    _failed.add(str(device))
+    warnings.warn(f"edtir: the fused Triton kernels failed on {device} ({type(error).__name__}: "
+                  f"{str(error).splitlines()[0][:200] if str(error) else ''}); using PyTorch's kernels there",
+                  RuntimeWarning, stacklevel=3)
 
 
 def interpreting() -> bool:
@@ -58,7 +74,8 @@ def serves(x: torch.Tensor) -> bool:
     """Whether the fused kernels run for this input: CUDA (or the interpreter on the CPU), inference (no_grad or
     inference_mode: they have no backward)."""
     return (available() and (x.is_cuda or (x.device.type == "cpu" and interpreting()))
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and not torch.is_grad_enabled())
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and not torch.is_grad_enabled()
+            and str(x.device) not in _failed)
 
 
 def head_pad(head_dim: int) -> int:
@@ -198,7 +215,8 @@ if triton is not None:
             src = x_ptr + (row + ky - K // 2).to(tl.int64) * W * CH
             for kx in range(K):
                 xx = x + kx - K // 2
-                ok = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+                yv = yy + tl.zeros_like(xx)  # a vector: Triton 3.9's interpreter rejects scalar & vector masks
+                ok = (yv >= 0) & (yv < H) & (xx >= 0) & (xx < W)
                 v = tl.load(src + xx[:, None] * CH + c[None, :], mask=ok[:, None] & ok_c[None, :], other=0.0)
                 acc += v.to(tl.float32) * tl.load(w_ptr + c * (K * K) + ky * K + kx, mask=ok_c, other=0.0)[None, :]
         acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # exact GELU, as F.gelu
