@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from test_fast_paths import sharpen
 
 import edtir
+from edtir.errors import UsageError
 from edtir.models import kernels
 from edtir.models.edt import reference_mode
 
@@ -100,6 +101,17 @@ def test_fused_model_equals_reference(task, shape, monkeypatch):
             eager = model(x, task)
     assert (fused - ref).abs().max() <= 1e-4
     assert (fused - eager).abs().max() <= 1e-4
+
+
+def test_tile_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("EDTIR_ATTENTION_BLOCKS", "64,32,4")
+    assert kernels._tiles("EDTIR_ATTENTION_BLOCKS", (32, 16, 2)) == (64, 32, 4)
+    monkeypatch.delenv("EDTIR_ATTENTION_BLOCKS")
+    assert kernels._tiles("EDTIR_ATTENTION_BLOCKS", (32, 16, 2)) == (32, 16, 2)
+    for bad in ("64,32", "64,30,4", "a,b,c", "0,16,2"):
+        monkeypatch.setenv("EDTIR_ATTENTION_BLOCKS", bad)
+        with pytest.raises(UsageError, match="EDTIR_ATTENTION_BLOCKS"):
+            kernels._tiles("EDTIR_ATTENTION_BLOCKS", (32, 16, 2))
 
 
 @runs_here

@@ -26,6 +26,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 # Triton 3.9 warns that its default for fusing multiply-adds will change; the kernels were timed with fusion on
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 try:  # an optional dependency: CUDA builds of torch ship it; the CPU tests install it for the interpreter
@@ -256,7 +258,7 @@ def _tiles(name: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
     except ValueError:
         tiles = ()
     if len(tiles) != 3 or any(v <= 0 or v & (v - 1) for v in tiles):
-        raise ValueError(f"{name}={raw!r}: expected three powers of two, e.g. {','.join(map(str, default))}")
+        raise UsageError(f"{name}={raw!r}: expected three powers of two, e.g. {','.join(map(str, default))}")
     return tiles
 
 
