@@ -801,7 +801,6 @@ class EDTBlock(nn.Module):
         x = linear(self.proj, y, residual=x)  # the residual adds fuse into the products where they can
         return self.mlp(self.norm2(x), residual=x)
 
-
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """The fast path for inference on CUDA, through the Triton kernels of :mod:`kernels`: layer norms that write
         the products' dtype, 16-aligned wide (zero columns; the weights get zero columns too), the second one fused
