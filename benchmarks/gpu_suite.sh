@@ -54,6 +54,8 @@ timeout 40 $PY benchmarks/dwconv_layouts.py --device cuda 2>&1 | tee "$OUT/dwcon
 want kernels && { step "Triton kernels: tiles swept, each against the eager code it replaces"
 timeout ${KERNELS_SECONDS:-150} $PY benchmarks/triton_kernels.py --env "$OUT/kernel_tiles.env" 2>&1 \
   | tee "$OUT/triton_kernels.txt"
+timeout 60 env EDTIR_FP32_PRODUCTS=tf32x3 $PY benchmarks/perf_suite.py --device cuda --workloads b-240x360 \
+  --paths reference,fast --precisions fp32 --repeats 3 --warmup 1 2>&1 | tee -a "$OUT/triton_kernels.txt"
 if [ -f "$OUT/kernel_tiles.env" ]; then set -a; . "$OUT/kernel_tiles.env"; set +a; fi; }  # the later steps use them
 
 want perf && { step "performance suite: workloads x reference/fast-eager/fast x fp32/bf16"

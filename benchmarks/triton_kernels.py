@@ -65,6 +65,13 @@ def sweep(prec, blk, x, layout) -> dict:
                                                            blocks=t), ATTENTION_TILES, moved)
     if win and prec == "bf16":
         best["EDTIR_ATTENTION_BLOCKS"] = ",".join(map(str, win))
+    if win and prec == "fp32":  # full-precision products against three TF32 products on tensor cores
+        ref = kernels.reference_window_attention(qkv, (1, H, W), a.window, blk.shift_h, heads, hd, lw, lb)
+        for how in ("ieee", "tf32x3"):
+            run = partial(kernels.window_attention, qkv, (1, H, W), a.window, blk.shift_h, heads, hd, lw, lb,
+                          blocks=win, fp32_products=how)
+            err = (kernels.unpad(run(), heads, hd) - ref).abs().max().item()
+            print(f"fp32 products {how:<7} tiles {win}: {bench(run):.3f} ms, max |out - plain PyTorch| {err:.1e}")
     # what it replaces: the eager fast path's norm, qkv, gather, SDPA, LePE conv and scatter
     with kernels.enabled(False):
         t_eager = bench(lambda: blk.attention_fast(blk.norm1(x), layout))

@@ -103,6 +103,19 @@ def test_fused_model_equals_reference(task, shape, monkeypatch):
     assert (fused - eager).abs().max() <= 1e-4
 
 
+@pytest.mark.skipif(not (CUDA and kernels.available()), reason="needs a CUDA GPU with Triton (the interpreter "
+                    "multiplies in plain fp32 whatever the precision asked)")
+def test_tf32x3_products_on_cuda():
+    """The fp32 option that runs the attention's products on tensor cores keeps the fp32 bound."""
+    shape, window, shift, heads, head_dim = (1, 48, 72), (6, 24), (3, 12), 6, 15
+    qkv = rand_qkv(*shape, heads, head_dim) * 2
+    lw = torch.randn(2 * heads * head_dim, 9, device=DEVICE)
+    lb = torch.randn(2 * heads * head_dim, device=DEVICE)
+    out = kernels.window_attention(qkv, shape, window, shift, heads, head_dim, lw, lb, fp32_products="tf32x3")
+    ref = kernels.reference_window_attention(qkv, shape, window, shift, heads, head_dim, lw, lb)
+    assert (kernels.unpad(out, heads, head_dim) - ref).abs().max() <= 1e-4
+
+
 def test_tile_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("EDTIR_ATTENTION_BLOCKS", "64,32,4")
     assert kernels._tiles("EDTIR_ATTENTION_BLOCKS", (32, 16, 2)) == (64, 32, 4)
@@ -112,6 +125,11 @@ def test_tile_settings_from_the_environment(monkeypatch):
         monkeypatch.setenv("EDTIR_ATTENTION_BLOCKS", bad)
         with pytest.raises(UsageError, match="EDTIR_ATTENTION_BLOCKS"):
             kernels._tiles("EDTIR_ATTENTION_BLOCKS", (32, 16, 2))
+    monkeypatch.setenv("EDTIR_FP32_PRODUCTS", "tf32x3")
+    assert kernels._fp32_products() == "tf32x3"
+    monkeypatch.setenv("EDTIR_FP32_PRODUCTS", "tf32")  # TF32 alone would break the fp32 bound
+    with pytest.raises(UsageError, match="EDTIR_FP32_PRODUCTS"):
+        kernels._fp32_products()
 
 
 @runs_here

@@ -116,7 +116,8 @@ if triton is not None:
     @triton.jit
     def _attend(qkv_ptr, out_ptr, lw_ptr, lb_ptr, H, W, w, pix0, h, m0, s_r, s_c, BR: tl.constexpr,
                 A: tl.constexpr, B: tl.constexpr, HEADS: tl.constexpr, D: tl.constexpr,
-                SHIFTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+                SHIFTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+                F32_PREC: tl.constexpr):
         """Query tokens [m0, m0 + BLOCK_M) of head h in window w of branch BR, whose windows are A x B."""
         N: tl.constexpr = A * B
         TW: tl.constexpr = 6 * HEADS * D  # qkv row: [branch][q, k, v][head][D]
@@ -141,7 +142,7 @@ if triton is not None:
             k = tl.load(kv + HEADS * D, mask=ok_k[:, None], other=0.0)
             v = tl.load(kv + 2 * HEADS * D, mask=ok_k[:, None], other=0.0)
             if DOT_F32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                s = tl.dot(q, tl.trans(k), input_precision=F32_PREC)
             else:
                 s = tl.dot(q, tl.trans(k))
             if SHIFTED:  # Swin's mask: -100 between tokens the cyclic shift brought together from two regions
@@ -153,7 +154,7 @@ if triton is not None:
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if DOT_F32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=F32_PREC)
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
@@ -184,7 +185,8 @@ if triton is not None:
     def _window_attention_kernel(
             qkv_ptr, out_ptr, lw_ptr, lb_ptr, H, W, s_h0, s_h1,
             HEADS: tl.constexpr, D: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-            SHIFTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+            SHIFTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+            F32_PREC: tl.constexpr):
         # one program: BLOCK_M query tokens of one (image, window, branch, head); the horizontal branch's windows
         # are WH x WW and shifted by (s_h0, s_h1), the vertical branch's are the transposes
         nwin = (H // WH) * (W // WW)  # windows per image: the same for both branches
@@ -195,10 +197,10 @@ if triton is not None:
         m0 = tl.program_id(2) * BLOCK_M
         if tl.program_id(1) < HEADS:
             _attend(qkv_ptr, out_ptr, lw_ptr, lb_ptr, H, W, w, pix0, h, m0, s_h0, s_h1, 0, WH, WW, HEADS, D,
-                    SHIFTED, BLOCK_M, BLOCK_N, DOT_F32)
+                    SHIFTED, BLOCK_M, BLOCK_N, DOT_F32, F32_PREC)
         else:
             _attend(qkv_ptr, out_ptr, lw_ptr, lb_ptr, H, W, w, pix0, h, m0, s_h1, s_h0, 1, WW, WH, HEADS, D,
-                    SHIFTED, BLOCK_M, BLOCK_N, DOT_F32)
+                    SHIFTED, BLOCK_M, BLOCK_N, DOT_F32, F32_PREC)
 
     @triton.jit(do_not_specialize=["H", "W"])
     def _dwconv_gelu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, CH: tl.constexpr,
@@ -269,7 +271,7 @@ ATTENTION_BLOCKS = _tiles("EDTIR_ATTENTION_BLOCKS", (32, 16, 2))
 
 def window_attention(qkv: torch.Tensor, shape, window: tuple[int, int], shift: tuple[int, int], heads: int,
                      head_dim: int, lepe_weight: torch.Tensor, lepe_bias: torch.Tensor,
-                     blocks: tuple[int, ...] | None = None) -> torch.Tensor:
+                     blocks: tuple[int, ...] | None = None, fp32_products: str | None = None) -> torch.Tensor:
     """Both branches of an EDT block's attention, LePE added: (B, H, W, 2 * 3 * heads * D) qkv in the layout of
     :meth:`edt.EDTBlock.qkv_weight` (q pre-scaled, head dims zero-padded to D = :func:`head_pad`) ->
     (B, H, W, 2 * heads * D), [horizontal | vertical] per pixel, each head padded to D with zeros (aligned rows
@@ -277,7 +279,7 @@ def window_attention(qkv: torch.Tensor, shape, window: tuple[int, int], shift: t
 
     ``window`` is the horizontal branch's (the vertical one is its transpose), ``shift`` its roll ((0, 0) for an
     unshifted block); ``lepe_weight`` (2 * heads * head_dim, 9) holds both branches' 3x3 kernels, each in its own
-    window's frame (or already padded by :func:`pad_lepe`)."""
+    window's frame (or already padded by :func:`pad_lepe`). ``fp32_products``: see :data:`FP32_PRODUCTS`."""
     B, H, W = shape
     D = head_pad(head_dim)
     wh, ww = window
@@ -293,8 +295,21 @@ def window_attention(qkv: torch.Tensor, shape, window: tuple[int, int], shift: t
     _window_attention_kernel[grid](
         qkv, out, lepe_weight, lepe_bias, H, W, shift[0], shift[1],
         HEADS=heads, D=D, WH=wh, WW=ww, SHIFTED=bool(shift[0] or shift[1]),
-        BLOCK_M=bm, BLOCK_N=bn, DOT_F32=qkv.dtype == torch.float32, num_warps=warps)
+        BLOCK_M=bm, BLOCK_N=bn, DOT_F32=qkv.dtype == torch.float32, F32_PREC=fp32_products or FP32_PRODUCTS,
+        num_warps=warps)
     return out
+
+
+def _fp32_products() -> str:
+    value = os.environ.get("EDTIR_FP32_PRODUCTS", "ieee")
+    if value not in ("ieee", "tf32x3"):
+        raise UsageError(f"EDTIR_FP32_PRODUCTS={value!r}: expected ieee or tf32x3")
+    return value
+
+
+#: how the attention kernel multiplies fp32 inputs (EDTIR_FP32_PRODUCTS): "ieee" (full precision, no tensor cores;
+#: what run 6 measured) or "tf32x3" (three TF32 products that make up an fp32 one, on tensor cores; not yet timed)
+FP32_PRODUCTS = _fp32_products()
 
 
 #: pixels, channels, warps per program of the depthwise conv kernel (EDTIR_DWCONV_BLOCKS)
