@@ -332,6 +332,12 @@ def onednn_inference(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and _onednn_linear())
 
 
+def rows_to_8(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer's weight and bias with zero output rows up to a multiple of 8 (see :func:`linear`)."""
+    n = -weight.shape[0] % 8
+    return F.pad(weight, (0, 0, 0, n)), F.pad(bias, (0, n))
+
+
 def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None,
            weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``residual + gelu?(x @ weightᵀ + bias)``, with ``layer``'s weight and bias unless given. On the fast path,
@@ -348,9 +354,9 @@ def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False, residual: torc
             return op.binary(x, residual, w, b, "add")
         y = op(x, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
         return y if residual is None else residual + y
-    n, pad = w.shape[0], -w.shape[0] % 8
-    if fast and pad:
-        y = F.linear(x, F.pad(w, (0, 0, 0, pad)), F.pad(b, (0, pad)))[..., :n]
+    n = w.shape[0]
+    if fast and n % 8:
+        y = F.linear(x, *rows_to_8(w, b))[..., :n]
     else:
         y = F.linear(x, w, b)
     if gelu:
@@ -832,15 +838,10 @@ class EDTBlock(nn.Module):
         a = self.attns[0]
         C = self.proj.weight.shape[0]
         pad, width = kernels.head_pad(a.head_dim), kernels.width_pad(C)
-
-        def rows8(w, b):  # output rows (and bias) padded to a multiple of 8
-            n = -w.shape[0] % 8
-            return F.pad(w, (0, 0, 0, n)), F.pad(b, (0, n))
-
         with torch.inference_mode(False), torch.no_grad():  # kept: usable outside inference_mode too
             wq, bq = self.qkv_weight((pad, pad), scale_q=True)
-            wp, bp = rows8(kernels.pad_columns(self.proj.weight, a.heads, a.head_dim), self.proj.bias)
-            w2, b2 = rows8(self.mlp.fc2.weight, self.mlp.fc2.bias)
+            wp, bp = rows_to_8(kernels.pad_columns(self.proj.weight, a.heads, a.head_dim), self.proj.bias)
+            w2, b2 = rows_to_8(self.mlp.fc2.weight, self.mlp.fc2.bias)
             lw, lb = kernels.pad_lepe(*kernels.lepe_weights(self), a.heads, a.head_dim)
             weights = tuple(t.to(dtype).contiguous() for t in (
                 F.pad(wq, (0, width - C)), bq, wp, bp, F.pad(self.mlp.fc1.weight, (0, width - C)), self.mlp.fc1.bias,

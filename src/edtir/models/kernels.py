@@ -387,32 +387,23 @@ def lepe_weights(block) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_window_attention(qkv, shape, window, shift, heads, head_dim, lepe_weight, lepe_bias):
-    """What :func:`window_attention` computes, in plain PyTorch (rolls, partitions, explicit softmax): for tests."""
-    from .edt import shift_mask, window_partition, window_reverse
+    """What :func:`window_attention` computes (unpadded), through the model's reference formulation: each branch's
+    :class:`edt.LePEAttention` on the rolled map, with the shift mask of :func:`edt.shift_mask`. For tests."""
+    from .edt import LePEAttention, shift_mask
 
     B, H, W = shape
-    D = head_pad(head_dim)
     half = heads * head_dim
-    t = qkv.float().view(B, H, W, 2, 3, heads, D)[..., :head_dim]
+    t = qkv.float().view(B, H, W, 2, 3, heads, head_pad(head_dim))[..., :head_dim].reshape(B, H, W, 2, 3, half)
     outs = []
-    for br, win, s in ((0, window, shift), (1, window[::-1], shift[::-1])):
-        part = t[:, :, :, br]  # (B, H, W, 3, heads, d)
-        if s[0] or s[1]:
-            part = torch.roll(part, shifts=(-s[0], -s[1]), dims=(1, 2))
-        wins = window_partition(part.reshape(B, H, W, -1), *win).view(-1, win[0] * win[1], 3, heads, head_dim)
-        q, k, v = wins.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, heads, N, d)
-        logits = q @ k.transpose(-1, -2)
-        if s[0] or s[1]:
-            mask = shift_mask(H, W, win, s, qkv.device)
-            nw = mask.shape[0]
-            logits = (logits.view(B, nw, heads, *logits.shape[-2:]) + mask[None, :, None]).flatten(0, 1)
-        o = logits.softmax(-1) @ v
-        img = v.transpose(-1, -2).reshape(-1, half, *win)
-        lw, lb = lepe_weight[br * half:(br + 1) * half], lepe_bias[br * half:(br + 1) * half]
-        lepe = F.conv2d(img, lw.view(half, 1, 3, 3).float(), lb.float(), padding=1, groups=half)
-        o = o + lepe.view(-1, heads, head_dim, o.shape[2]).transpose(-1, -2)
-        o = window_reverse(o.transpose(1, 2).reshape(-1, win[0] * win[1], half), *win, B, H, W)
-        if s[0] or s[1]:
-            o = torch.roll(o, shifts=s, dims=(1, 2))
-        outs.append(o)
+    for br, win, s in ((0, tuple(window), tuple(shift)), (1, tuple(window[::-1]), tuple(shift[::-1]))):
+        attn = LePEAttention(half, heads, win).to(qkv.device)
+        attn.scale = 1.0  # q comes scaled
+        with torch.no_grad():
+            attn.lepe.weight.copy_(lepe_weight[br * half:(br + 1) * half].reshape(half, 1, 3, 3))
+            attn.lepe.bias.copy_(lepe_bias[br * half:(br + 1) * half])
+            part, shifted = t[:, :, :, br], bool(s[0] or s[1])
+            if shifted:
+                part = torch.roll(part, shifts=(-s[0], -s[1]), dims=(1, 2))
+            out = attn(part, shift_mask(H, W, win, s, qkv.device) if shifted else None)
+            outs.append(torch.roll(out, shifts=s, dims=(1, 2)) if shifted else out)
     return torch.cat(outs, -1)
