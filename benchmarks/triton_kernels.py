@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -116,11 +117,30 @@ def sweep(prec, blk, x, layout) -> dict:
     return best
 
 
+def hw_arg(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW, e.g. 240x360") from None
+    if h <= 0 or w <= 0 or h % 24 or w % 24:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be positive multiples of 24 (the windows)")
+    return h, w
+
+
+def precisions_arg(text: str) -> list[str]:
+    names = [p for p in text.split(",") if p]
+    bad = [p for p in names if p not in ("bf16", "fp32")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of bf16, fp32")
+    return names
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="B", help="EDT size (T, S, B, L)")
-    ap.add_argument("--hw", default="240x360", help="token map, HxW (SR x2's LR input size)")
-    ap.add_argument("--precisions", default="bf16,fp32")
+    ap.add_argument("--size", default="B", choices=("T", "S", "B", "L"), help="EDT size")
+    ap.add_argument("--hw", default="240x360", type=hw_arg,
+                    help="token map, HxW, multiples of 24 (SR x2's LR input size)")
+    ap.add_argument("--precisions", default="bf16,fp32", type=precisions_arg, help="comma list of bf16, fp32")
     ap.add_argument("--env", help="write the fastest tiles (bf16) to this file as KEY=value lines")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -133,7 +153,7 @@ def main() -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    H, W = (int(v) for v in args.hw.split("x"))
+    H, W = args.hw
     torch.manual_seed(0)
     model = edt.build_model(args.size, ["sr-x2"], drop_path=0.0).cuda().eval()
     blk = model.body.layers[0].residual_group.blocks[1]  # a shifted block
@@ -145,12 +165,14 @@ def main() -> int:
           f"C {C}, {a.heads} heads of {a.head_dim} (padded {kernels.head_pad(a.head_dim)}) per branch, "
           f"window {a.window}")
     best = {}
-    for prec in args.precisions.split(","):
+    for prec in args.precisions:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=prec == "bf16"):
             best.update(sweep(prec, blk, x, layout))
-    if args.env and best:
-        with open(args.env, "w") as f:
-            f.writelines(f"{k}={v}\n" for k, v in best.items())
+    if args.env and best:  # a temporary file renamed into place: never a half-written file
+        from edtir.data.io import atomic_write_bytes
+
+        lines = "".join(f"{k}={v}\n" for k, v in best.items()).encode()
+        atomic_write_bytes(args.env, lambda tmp: Path(tmp).write_bytes(lines))
         print("\n# fastest tiles (bf16): " + ", ".join(f"{k}={v}" for k, v in best.items()))
     return 0
 
