@@ -1,7 +1,8 @@
 """The performance issue's workloads x {reference, fast} attention x {fp32, bf16}, in one table: time, peak memory,
 achieved TFLOP/s, the ratio to the hardware floor, and a check that the fast path gives the reference's output.
-On CUDA the fast path runs inference through the fused Triton kernels (``edtir.models.kernels``); the path
-``fast-eager`` is the fast path without them (``--paths reference,fast-eager,fast``).
+On CUDA the fast path runs inference through the fused Triton kernels (``edtir.models.kernels``), on the CPU
+through the C attention kernel (``edtir.models.cpu_kernel``); the path ``fast-eager`` is the fast path without
+them, PyTorch's ops only (``--paths reference,fast-eager,fast``).
 
     python benchmarks/perf_suite.py --device cpu             # CPU workloads, 2 threads (a few minutes quiet)
     python benchmarks/perf_suite.py --device cuda            # GPU workloads (H100/H200)
@@ -258,14 +259,16 @@ def compiled(model, args):
 
 
 def path_mode(path: str):
-    """The formulation a path runs, as a context: ``fast`` uses the fused Triton kernels where they serve (CUDA
-    inference), ``fast-eager`` is the fast path without them, ``fast+compile`` the fast path compiled."""
-    from edtir.models import kernels
+    """The formulation a path runs, as a context: ``fast`` uses the fused Triton kernels (CUDA inference) and the C
+    attention kernel (CPU fp32 inference) where they serve, ``fast-eager`` is the fast path without them,
+    ``fast+compile`` the fast path compiled."""
+    from edtir.models import cpu_kernel, kernels
     from edtir.models.edt import attention_mode
 
     stack = contextlib.ExitStack()
     stack.enter_context(attention_mode(path.split("+")[0].removesuffix("-eager")))
     stack.enter_context(kernels.enabled(not path.endswith("-eager")))
+    stack.enter_context(cpu_kernel.enabled(not path.endswith("-eager")))
     return stack
 
 
@@ -332,7 +335,7 @@ def main() -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--workloads", help="comma list (default: every workload for the device)")
     ap.add_argument("--paths", default="reference,fast",
-                    help="comma list of reference, fast, fast-eager (the fast path without the Triton kernels)")
+                    help="comma list of reference, fast, fast-eager (the fast path without the Triton and C kernels)")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32,bf16")
     ap.add_argument("--threads", type=int, help="CPU threads (default 2; 1 with --quick)")
     ap.add_argument("--repeats", type=int, help="timed runs per cell (default 3 CPU, 5 GPU; 1 with --quick)")
@@ -376,6 +379,10 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {where}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; load average {load:.1f} "
           f"on {os.cpu_count()} CPUs{'; QUICK (tiny sizes)' if args.quick else ''}")
+    if not gpu:
+        from edtir.models import cpu_kernel
+
+        print(f"# C attention kernel: {cpu_kernel.status()}")
     if not args.quick:
         peaks = [f"{p}: {matmul_peak(device, dt) / 1e12:.3f} TFLOP/s" for p, dt in
                  (("fp32", torch.float32), ("bf16", torch.bfloat16)) if p in precisions]

@@ -31,7 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from edtir.inference import forward_padded
-from edtir.models import edt
+from edtir.models import cpu_kernel, edt
 
 #: operator name fragment -> kind of work; first match wins (order matters: "addmm" before "mm")
 KINDS = [
@@ -85,7 +85,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def part_timers(acc: dict[str, float]):
     """Wall-clock time per part of the fast path (CPU: every call returns when its work is done), added to ``acc``."""
     F = torch.nn.functional
-    targets = [(edt, "linear", None), (edt, "windowed_attention", "windowed attention (explicit, CPU)"),
+    targets = [(edt, "linear", None), (cpu_kernel, "window_attention", "window attention + LePE (C kernel, CPU)"),
+               (edt, "windowed_attention", "windowed attention (explicit, CPU)"),
                (edt, "permute_rows", "window gathers (index_select)"), (F, "conv2d", "convolutions (LePE, head, tail)"),
                (F, "scaled_dot_product_attention", "attention (fused SDPA)"), (F, "layer_norm", "layer norm"),
                (torch.ops.mkldnn, "_convolution_pointwise", "FFN depthwise conv + GELU (fused)")]

@@ -9,7 +9,7 @@ from conftest import DATA, need
 
 import edtir
 from edtir.data.io import read_image
-from edtir.models import edt
+from edtir.models import cpu_kernel, edt
 from edtir.models.edt import LayoutCache, WindowLayout, reference_mode, shift_mask, window_partition
 
 TOL = 1e-4
@@ -43,6 +43,20 @@ def both_paths(model, x, task=None):
         with reference_mode():
             ref = model(x, task=task)
     return fast, ref
+
+
+@pytest.fixture(params=["C kernel", "PyTorch"])
+def cpu_path(request):
+    """CPU inference both ways: through the C attention kernel (where it builds) and through PyTorch's ops."""
+    with cpu_kernel.enabled(request.param == "C kernel"):
+        yield request.param
+
+
+@pytest.fixture
+def pytorch_path():
+    """Tests of the PyTorch fast path's own parts: the C kernel off."""
+    with cpu_kernel.enabled(False):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +147,7 @@ def test_traced_model_serves_other_sizes(path):
 
 @pytest.mark.parametrize("make", [small_t, small_b], ids=["EDT-T", "EDT-B-like"])
 @pytest.mark.parametrize("task", ["sr-x2", "sr-x3", "sr-x4", "denoise-25", "derain-heavy"])
-def test_fast_equals_reference_random_inputs(make, task):
+def test_fast_equals_reference_random_inputs(make, task, cpu_path):
     model = sharpen(make([task])).eval()
     m = model.size_multiple(task)
     side = 2 * m if m < 96 else m
@@ -144,7 +158,7 @@ def test_fast_equals_reference_random_inputs(make, task):
 
 
 @pytest.mark.parametrize("make", [small_t, small_b], ids=["EDT-T", "EDT-B-like"])
-def test_fast_equals_reference_on_a_real_image_with_padding(make, butterfly):
+def test_fast_equals_reference_on_a_real_image_with_padding(make, butterfly, cpu_path):
     """An odd-sized crop of Set5 through edtir.restore (mirror padding to the size multiple, then cropping)."""
     model = sharpen(make()).eval()
     image = butterfly[..., 101:138, 57:110]  # 37 x 53
@@ -156,7 +170,7 @@ def test_fast_equals_reference_on_a_real_image_with_padding(make, butterfly):
 
 
 @pytest.mark.parametrize("rule", ["none", "cuda", "16", "q and k 8, v 16"])
-def test_every_head_dim_padding_equals_reference(rule, monkeypatch):
+def test_every_head_dim_padding_equals_reference(rule, monkeypatch, pytorch_path):
     """The CUDA rule (a multiple of 8: 5 -> 8, 15 -> 16), no padding, 16, and q/k padded less than v (the CPU's
     explicit attention for EDT-T) give the reference output, with the explicit attention and the fused kernel."""
     pads = {"none": lambda device, d, explicit=False: (d, d),
@@ -173,7 +187,7 @@ def test_every_head_dim_padding_equals_reference(rule, monkeypatch):
 
 
 @pytest.mark.parametrize("window", [(24, 6), (8, 8), (4, 16)])
-def test_fast_equals_reference_other_windows(window):
+def test_fast_equals_reference_other_windows(window, cpu_path):
     model = sharpen(edtir.build_model("T", ["sr-x2"], depths=(2,), window_size=window)).eval()
     m = model.size_multiple()
     fast, ref = both_paths(model, torch.rand(1, 3, 2 * m, 3 * m))
@@ -294,7 +308,7 @@ def test_windowed_attention_gradients(chunk):
         lambda q, k, v: windowed_attention(q, k, v, bias, 0.7, chunk=chunk, bias_from=2, period=3), (q, k, v))
 
 
-def test_explicit_attention_is_chosen_for_cpu_fp32():
+def test_explicit_attention_is_chosen_for_cpu_fp32(pytorch_path):
     from edtir.models import edt
 
     x = torch.zeros(1, 2, 2, 60)

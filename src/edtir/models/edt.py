@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import cpu_kernel, kernels
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tasks and sizes
@@ -793,19 +793,53 @@ class EDTBlock(nn.Module):
         if isinstance(plan, tuple):
             x = x + self.drop_path(self.attention_reference(self.norm1(x), plan))
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        if not self.training and kernels.serves(x) and not exporting() and not torch.compiler.is_compiling():
-            try:
-                return self.forward_fused(x)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # kernels that do not compile here (an older GPU, another Triton)
-                kernels.disable(x.device, e)
+        if not self.training and not exporting() and not torch.compiler.is_compiling():
+            if kernels.serves(x):
+                try:
+                    return self.forward_fused(x)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as e:  # kernels that do not compile here (an older GPU, another Triton)
+                    kernels.disable(x.device, e)
+            if onednn_inference(x) and cpu_kernel.serves(x, self.attns[0].head_dim):
+                return self.forward_cpu(x)
         y = self.attention_fast(self.norm1(x), plan)
         if self.training and self.drop_path.p > 0:
             x = x + self.drop_path(linear(self.proj, y))
             return x + self.drop_path(self.mlp(self.norm2(x)))
         x = linear(self.proj, y, residual=x)  # the residual adds fuse into the products where they can
         return self.mlp(self.norm2(x), residual=x)
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """The fast path for fp32 inference on the CPU with the C kernel of :mod:`cpu_kernel`: the attention of both
+        branches, shift mask and LePE included, from the qkv map straight to ``proj``'s input (no gather, scatter,
+        mask tensor or logits in memory); the products are oneDNN's, with the residual adds and GELU fused."""
+        B, H, W, C = x.shape
+        a = self.attns[0]
+        wq, bq, lw, lb = self.cached_weights("cpu", self._cpu_weights)
+        qkv = linear(self.qkv, self.norm1(x), weight=wq, bias=bq)  # (B, H, W, [branch, q/k/v, head, dim])
+        y = cpu_kernel.window_attention(qkv, (B, H, W), a.window, self.shift_h, a.heads, a.head_dim, lw, lb)
+        x = linear(self.proj, y, residual=x)
+        return self.mlp(self.norm2(x), residual=x)
+
+    def _cpu_weights(self) -> tuple[torch.Tensor, ...]:
+        d = self.attns[0].head_dim
+        wq, bq = self.qkv_weight((d, d), scale_q=True)
+        branch = wq.shape[0] // 2  # rows [branch][q, k, v][head][dim]
+        q_rows = torch.arange(wq.shape[0], device=wq.device) % branch < branch // 3
+        s = torch.where(q_rows, cpu_kernel.LOG2E, 1.0).to(wq.dtype)  # the kernel's softmax is base 2
+        lw, lb = kernels.lepe_weights(self)
+        return tuple(t.contiguous() for t in (wq * s[:, None], bq * s, lw, lb))
+
+    def cached_weights(self, tag: str, make) -> tuple[torch.Tensor, ...]:
+        """``make()``'s weights, built once and kept while no parameter changes (each parameter's data pointer and
+        version), one set per ``tag``."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cache = self.__dict__.setdefault("_weights_cache", {})
+        if tag not in cache or cache[tag][0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # kept: usable outside inference_mode too
+                cache[tag] = (key, make())
+        return cache[tag][1]
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """The fast path for inference on CUDA, through the Triton kernels of :mod:`kernels`: layer norms that write
@@ -831,23 +865,19 @@ class EDTBlock(nn.Module):
         scaled, head dims padded (:meth:`qkv_weight`); zero columns where the norms' and the attention's outputs
         are padded; output rows padded to a multiple of 8 (``proj``, ``fc2``: 180 -> 184); LePE's kernels padded
         like v. Built once and kept while no parameter changes (each parameter's data pointer and version)."""
-        key = (dtype, str(device), tuple((p.data_ptr(), p._version) for p in self.parameters()))
-        cached = getattr(self, "_fused", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        return self.cached_weights(f"fused {dtype} {device}", lambda: self._fused_weights(dtype))
+
+    def _fused_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         a = self.attns[0]
         C = self.proj.weight.shape[0]
         pad, width = kernels.head_pad(a.head_dim), kernels.width_pad(C)
-        with torch.inference_mode(False), torch.no_grad():  # kept: usable outside inference_mode too
-            wq, bq = self.qkv_weight((pad, pad), scale_q=True)
-            wp, bp = rows_to_8(kernels.pad_columns(self.proj.weight, a.heads, a.head_dim), self.proj.bias)
-            w2, b2 = rows_to_8(self.mlp.fc2.weight, self.mlp.fc2.bias)
-            lw, lb = kernels.pad_lepe(*kernels.lepe_weights(self), a.heads, a.head_dim)
-            weights = tuple(t.to(dtype).contiguous() for t in (
-                F.pad(wq, (0, width - C)), bq, wp, bp, F.pad(self.mlp.fc1.weight, (0, width - C)), self.mlp.fc1.bias,
-                w2, b2)) + (lw, lb)
-        self._fused = (key, weights)
-        return weights
+        wq, bq = self.qkv_weight((pad, pad), scale_q=True)
+        wp, bp = rows_to_8(kernels.pad_columns(self.proj.weight, a.heads, a.head_dim), self.proj.bias)
+        w2, b2 = rows_to_8(self.mlp.fc2.weight, self.mlp.fc2.bias)
+        lw, lb = kernels.pad_lepe(*kernels.lepe_weights(self), a.heads, a.head_dim)
+        return tuple(t.to(dtype).contiguous() for t in (
+            F.pad(wq, (0, width - C)), bq, wp, bp, F.pad(self.mlp.fc1.weight, (0, width - C)), self.mlp.fc1.bias,
+            w2, b2)) + (lw, lb)
 
 
 class ResidualGroup(nn.Module):

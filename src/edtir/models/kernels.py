@@ -386,14 +386,16 @@ def lepe_weights(block) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.cat([a.lepe.weight, b.lepe.weight]).flatten(1), torch.cat([a.lepe.bias, b.lepe.bias]))
 
 
-def reference_window_attention(qkv, shape, window, shift, heads, head_dim, lepe_weight, lepe_bias):
+def reference_window_attention(qkv, shape, window, shift, heads, head_dim, lepe_weight, lepe_bias,
+                               pad: int | None = None):
     """What :func:`window_attention` computes (unpadded), through the model's reference formulation: each branch's
-    :class:`edt.LePEAttention` on the rolled map, with the shift mask of :func:`edt.shift_mask`. For tests."""
+    :class:`edt.LePEAttention` on the rolled map, with the shift mask of :func:`edt.shift_mask`; ``qkv``'s heads
+    padded to ``pad`` (default :func:`head_pad`). For tests, and the check of :mod:`cpu_kernel`."""
     from .edt import LePEAttention, shift_mask
 
     B, H, W = shape
     half = heads * head_dim
-    t = qkv.float().view(B, H, W, 2, 3, heads, head_pad(head_dim))[..., :head_dim].reshape(B, H, W, 2, 3, half)
+    t = qkv.float().view(B, H, W, 2, 3, heads, pad or head_pad(head_dim))[..., :head_dim].reshape(B, H, W, 2, 3, half)
     outs = []
     for br, win, s in ((0, tuple(window), tuple(shift)), (1, tuple(window[::-1]), tuple(shift[::-1]))):
         attn = LePEAttention(half, heads, win).to(qkv.device)

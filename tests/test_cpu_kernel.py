@@ -1,0 +1,140 @@
+"""The C attention kernel for CPU inference (edtir.models.cpu_kernel) against the reference formulation, in the
+model, and what happens where it cannot be built."""
+
+import ctypes
+import math
+
+import pytest
+import torch
+from test_fast_paths import TOL, sharpen, small_b, small_t
+
+from edtir.models import cpu_kernel, kernels
+from edtir.models.edt import reference_mode
+
+built = pytest.mark.skipif(cpu_kernel.library() is None, reason=f"the C kernel: {cpu_kernel.status()}")
+
+
+def scaled(qkv: torch.Tensor) -> torch.Tensor:
+    """qkv as the kernel reads it: q times log2(e) (its softmax is base 2; the reference's is base e)."""
+    out = qkv.clone()
+    out[..., 0, :, :] *= cpu_kernel.LOG2E
+    return out
+
+
+CASES = [  # (B, H, W), window, shift, heads, head dim
+    ((1, 24, 48), (6, 24), (3, 12), 6, 15),  # EDT-B's heads, shifted
+    ((2, 48, 24), (6, 24), (3, 12), 6, 5),   # EDT-T's, batch 2, taller than wide
+    ((1, 24, 24), (6, 24), (0, 0), 6, 10),   # EDT-S's, not shifted
+    ((1, 12, 12), (4, 6), (2, 3), 2, 16),    # 24 tokens: a window that is not a multiple of 16 queries
+    ((1, 15, 15), (3, 5), (1, 2), 1, 1),     # 15 tokens, head dim 1
+    ((1, 8, 8), (8, 8), (4, 4), 3, 7),       # a square window
+]
+
+
+@built
+@pytest.mark.parametrize("shape,window,shift,heads,d", CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_equals_reference(shape, window, shift, heads, d, threads):
+    g = torch.Generator().manual_seed(sum(shape) + d)
+    qkv = torch.randn(*shape, 2, 3, heads, d, generator=g) * 0.7
+    lw, lb = torch.randn(2 * heads * d, 9, generator=g), torch.randn(2 * heads * d, generator=g)
+    out = cpu_kernel._call(cpu_kernel.library(), scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d,
+                           lw, lb, threads)
+    ref = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, pad=d)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= TOL
+
+
+@built
+def test_kernel_masks_across_shift_regions():
+    """Peaked logits (large q and k): a token attending across a shift-region border would change the output by
+    far more than the tolerance, so a wrong mask or label cannot pass."""
+    shape, window, shift, heads, d = (1, 12, 24), (6, 12), (3, 6), 2, 8
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(*shape, 2, 3, heads, d, generator=g) * 3
+    lw, lb = torch.zeros(2 * heads * d, 9), torch.zeros(2 * heads * d)
+    out = cpu_kernel._call(cpu_kernel.library(), scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d,
+                           lw, lb, 1)
+    ref = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, pad=d)
+    unmasked = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, (0, 0), heads, d, lw, lb,
+                                                  pad=d)
+    assert (out - ref).abs().max() <= TOL
+    assert (unmasked - ref).abs().max() > 100 * TOL  # the test can tell
+
+
+@built
+def test_kernel_rejects_what_it_does_not_tile():
+    qkv = torch.zeros(1, 12, 12, 6 * 2 * 4)
+    with pytest.raises(ValueError, match="does not fit window"):
+        cpu_kernel.window_attention(qkv, (1, 12, 12), (5, 12), (0, 0), 2, 4, torch.zeros(16, 9), torch.zeros(16))
+
+
+@built
+@pytest.mark.parametrize("make", [small_t, small_b], ids=["EDT-T", "EDT-B-like"])
+def test_model_with_the_kernel_equals_reference(make, monkeypatch):
+    calls = []
+    real = cpu_kernel.window_attention
+    monkeypatch.setattr(cpu_kernel, "window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = sharpen(make(("sr-x2", "denoise-25"))).eval()
+    g = torch.Generator().manual_seed(2)
+    inputs = {"sr-x2": torch.rand(1, 3, 48, 72, generator=g), "denoise-25": torch.rand(1, 3, 96, 96, generator=g)}
+    with torch.inference_mode():
+        for task, x in inputs.items():
+            fast = model(x, task=task)
+            n = len(calls)
+            with reference_mode():
+                ref = model(x, task=task)
+            assert len(calls) == n  # the reference path does not use it
+            assert (fast - ref).abs().max() <= TOL
+    assert calls  # the fast path used it
+
+
+@built
+def test_kernel_serves_inference_only():
+    x = torch.zeros(1, 4, 4, 8)
+    with torch.no_grad():
+        assert cpu_kernel.serves(x, 15)
+        assert not cpu_kernel.serves(x, 17)  # wider heads: the PyTorch path
+        assert not cpu_kernel.serves(x.double(), 15)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not cpu_kernel.serves(x, 15)
+        with cpu_kernel.enabled(False):
+            assert not cpu_kernel.serves(x, 15)
+    assert not cpu_kernel.serves(x, 15)  # autograd on: training keeps the PyTorch path
+
+
+@built
+def test_library_is_built_once_per_source_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDTIR_CACHE_DIR", str(tmp_path))
+    first = cpu_kernel._build()
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel._build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
+
+
+def test_without_a_compiler_the_pytorch_path_serves(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDTIR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu_kernel, "_state", {"lib": None, "error": None, "path": None})
+    assert cpu_kernel.library() is None
+    assert "unavailable" in cpu_kernel.status()
+    model = small_t().eval()
+    x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fast = model(x)
+        with reference_mode():
+            ref = model(x)
+    assert (fast - ref).abs().max() <= TOL
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_miscompiled_kernel_is_not_used():
+    """The check against the reference on load: a kernel that computes something else is refused."""
+    n = 8 * 8 * 2 * 2 * 3  # the check's output: an 8x8 map, 2 branches, 2 heads of 3
+
+    def wrong(qkv, out, *args):
+        (ctypes.c_float * n).from_address(out)[:] = [math.pi] * n
+        return 0
+
+    with pytest.raises(RuntimeError, match="off by"):
+        cpu_kernel._check(wrong)
