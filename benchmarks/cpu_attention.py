@@ -1,10 +1,11 @@
-"""CPU fp32 inference: the explicit, chunked attention (``edtir.models.edt.windowed_attention``)
-against the flash kernel (heads padded to 16; the explicit way pads EDT-T's q and k to 8 only), interleaved in one
-process with the same weights and input.
+"""CPU fp32 inference, three ways to compute the attention, interleaved in one process with the same weights and
+input: the flash kernel (heads padded to 16), the explicit, chunked attention (``edtir.models.edt.
+windowed_attention``; it pads EDT-T's q and k to 8 only), and the C kernel (``edtir.models.cpu_kernel``: both
+branches, the shift mask and LePE in one call, no gathers; the default where it builds).
 
     python benchmarks/cpu_attention.py                       # T 264, S 144, B 72, B 144, L 48; 2 threads, 3 rounds
     python benchmarks/cpu_attention.py --cases T:264,B:144 --threads 1 --rounds 5
-    python benchmarks/cpu_attention.py --blocks    # one block's attention alone: head dims, threads, both ways
+    python benchmarks/cpu_attention.py --blocks    # one block's attention alone: head dims, threads, every way
     python benchmarks/cpu_attention.py --pads      # EDT-T 264x264, explicit: q/k padded to 8 (the default), 16, 5
 """
 
@@ -18,6 +19,7 @@ import time
 import torch
 
 import edtir.models.edt as E
+from edtir.models import cpu_kernel
 
 
 def median_ms(f, repeats: int = 10) -> float:
@@ -51,16 +53,21 @@ def blocks() -> None:
     threads; flash kernel against :func:`windowed_attention`."""
     import torch.nn.functional as F
 
-    print("# one block's attention, median ms of 10")
-    print(f"{'block':<28}{'threads':>8}{'head dim':>10}{'flash':>10}{'explicit':>10}")
-    for label, windows, dims in (("EDT-T 264x264", 968, (5, 8, 16)), ("EDT-B 72x72", 72, (16,))):
+    print("# one block's attention, median ms of 10; the C kernel's time includes LePE and the gathers")
+    print(f"{'block':<28}{'threads':>8}{'head dim':>10}{'flash':>10}{'explicit':>10}{'C kernel':>10}")
+    for label, windows, side, dims in (("EDT-T 264x264", 968, 264, (5, 8, 16)), ("EDT-B 72x72", 72, 72, (15, 16))):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for d in dims:
                 q, k, v = (torch.randn(windows, 6, 144, d) for _ in range(3))
                 flash = median_ms(lambda: F.scaled_dot_product_attention(q, k, v))  # noqa: B023
                 explicit = median_ms(lambda: E.windowed_attention(q, k, v, None, d ** -0.5))  # noqa: B023
-                print(f"{label:<28}{threads:>8}{d:>10}{flash:>10.1f}{explicit:>10.1f}", flush=True)
+                qkv, lw, lb = torch.randn(1, side, side, 6 * 6 * d), torch.randn(12 * d, 9), torch.zeros(12 * d)
+                kernel = float("nan")
+                if cpu_kernel.library():
+                    kernel = median_ms(lambda: cpu_kernel.window_attention(  # noqa: B023
+                        qkv, (1, side, side), (6, 24), (3, 12), 6, d, lw, lb))  # noqa: B023
+                print(f"{label:<28}{threads:>8}{d:>10}{flash:>10.1f}{explicit:>10.1f}{kernel:>10.1f}", flush=True)
 
 
 def pads(args) -> None:
@@ -107,28 +114,33 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
     print(f"# CPU, {args.threads} threads; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}; "
-          f"median (min) s of {args.rounds} interleaved rounds after a warm-up")
-    print(f"{'model':<8}{'input':>8}{'head dim':>10}{'flash':>18}{'explicit':>18}{'speed-up':>10}"
-          f"{'max |diff|':>12}")
+          f"median (min) s of {args.rounds} interleaved rounds after a warm-up; C kernel: {cpu_kernel.status()}")
+    names = ("flash", "explicit", "C kernel") if cpu_kernel.library() else ("flash", "explicit")
+    print(f"{'model':<8}{'input':>8}{'head dim':>10}" + "".join(f"{n:>18}" for n in names)
+          + f"{'speed-up':>10}{'max |diff|':>12}")
     for case in args.cases.split(","):
         size, side = case.split(":")
         torch.manual_seed(0)
         model = E.build_model(size, ["sr-x2"]).eval()
         x = torch.rand(1, 3, int(side), int(side))
         head_dim = model.cfg.embed_dim // 2 // model.cfg.heads
-        old = E.EXPLICIT_MAX_HEAD_DIM, E.CPU_EXPLICIT_ATTENTION
-        E.EXPLICIT_MAX_HEAD_DIM = 1 << 30  # both ways for every size here
+        old = E.EXPLICIT_MAX_HEAD_DIM, E.CPU_EXPLICIT_ATTENTION, cpu_kernel._enabled[0]
+        E.EXPLICIT_MAX_HEAD_DIM = 1 << 30  # every way for every size here
+
+        def switch(name):
+            E.CPU_EXPLICIT_ATTENTION = name == "explicit"
+            cpu_kernel._enabled[0] = name == "C kernel"
+
         try:
-            ways = {w: lambda on=(w == "explicit"): setattr(E, "CPU_EXPLICIT_ATTENTION", on)
-                    for w in ("flash", "explicit")}
-            times, outs = interleaved(model, x, ways, args.rounds)
+            times, outs = interleaved(model, x, {n: lambda n=n: switch(n) for n in names}, args.rounds)
         finally:
-            E.EXPLICIT_MAX_HEAD_DIM, E.CPU_EXPLICIT_ATTENTION = old
-        f, e = times["flash"], times["explicit"]
+            E.EXPLICIT_MAX_HEAD_DIM, E.CPU_EXPLICIT_ATTENTION, cpu_kernel._enabled[0] = old
         cell = lambda t: f"{statistics.median(t):.3f} ({min(t):.3f})"  # noqa: E731
-        diff = (outs["flash"] - outs["explicit"]).abs().max().item()
-        print(f"EDT-{size:<4}{side + 'x' + side:>8}{head_dim:>10}{cell(f):>18}{cell(e):>18}"
-              f"{statistics.median(f) / statistics.median(e):>10.2f}{diff:>12.1e}", flush=True)
+        last = names[-1]  # the speed-up and the difference: the last way against the explicit one
+        diff = max((outs[n] - outs["explicit"]).abs().max().item() for n in names)
+        print(f"EDT-{size:<4}{side + 'x' + side:>8}{head_dim:>10}" + "".join(f"{cell(times[n]):>18}" for n in names)
+              + f"{statistics.median(times['explicit']) / statistics.median(times[last]):>10.2f}{diff:>12.1e}",
+              flush=True)
     return 0
 
 

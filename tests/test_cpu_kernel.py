@@ -112,9 +112,10 @@ def test_library_is_built_once_per_source_and_machine(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
 
 
-def test_without_a_compiler_the_pytorch_path_serves(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cc", ["missing", "false"], ids=["no compiler", "a failing compiler"])
+def test_without_a_compiler_the_pytorch_path_serves(cc, tmp_path, monkeypatch):
     monkeypatch.setenv("EDTIR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler") if cc == "missing" else "false")
     monkeypatch.setattr(cpu_kernel, "_state", {"lib": None, "error": None, "path": None})
     assert cpu_kernel.library() is None
     assert "unavailable" in cpu_kernel.status()

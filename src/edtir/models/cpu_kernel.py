@@ -8,7 +8,8 @@ per vector so that softmax needs no horizontal reduction, reads q, k and v strai
 
 No build step at install: on first use the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) builds
 it with ``-O3 -march=native -fopenmp`` into the cache (``$EDTIR_CACHE_DIR``, else ``$XDG_CACHE_HOME/edtir``,
-else ``~/.cache/edtir``; about 5 s, once per machine and source), written under a temporary name and renamed.
+else ``~/.cache/edtir``; about a second, once per machine and source), written under a temporary name and
+renamed (where the cache cannot be written, into a private temporary directory, each process).
 Where that fails (no compiler, no OpenMP) or ``EDTIR_CPU_KERNEL=0``, the model keeps its PyTorch fast path;
 :func:`status` says which and why. The kernel is checked against the reference formulation once per process
 before it is used.
@@ -22,6 +23,7 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -57,11 +59,11 @@ def cache_dir() -> Path:
     return Path(base) / "edtir"
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc) or cc
-    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+def _compiler() -> list[str] | None:
+    if os.environ.get("CC"):  # may carry arguments ("ccache gcc")
+        return shlex.split(os.environ["CC"])
+    found = next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+    return [found] if found else None
 
 
 def _machine() -> str:
@@ -76,19 +78,23 @@ def _build() -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (set CC, or install gcc or clang)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _machine()]).encode()).hexdigest()
     path = cache_dir() / f"cpu_attention-{key[:16]}.so"
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError:  # a read-only home: a private directory for this process (a shared one could be planted)
+        path = Path(tempfile.mkdtemp(prefix="edtir-")) / path.name
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        run = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=600)
+        run = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["?"])[-1]
-            raise RuntimeError(f"{Path(cc).name} failed: {last[:200]}")
+            raise RuntimeError(f"{Path(cc[0]).name} failed: {last[:200]}")
         os.replace(tmp, path)  # atomic: another process building the same key at once is harmless
     finally:
         with contextlib.suppress(FileNotFoundError):
