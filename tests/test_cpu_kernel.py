@@ -3,6 +3,7 @@ model, and what happens where it cannot be built."""
 
 import ctypes
 import math
+import platform
 
 import pytest
 import torch
@@ -139,3 +140,23 @@ def test_a_miscompiled_kernel_is_not_used():
 
     with pytest.raises(RuntimeError, match="off by"):
         cpu_kernel._check(wrong)
+
+
+@built
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["AVX2", "SSE2"])
+def test_kernel_without_avx512_equals_reference(march, tmp_path, monkeypatch):
+    """The portable paths (no AVX-512: the exponential's and the maximum's generic forms) on a CPU that has
+    AVX-512, by building for an older instruction set."""
+    monkeypatch.setenv("EDTIR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f
+                                                   for f in cpu_kernel.FLAGS))
+    monkeypatch.setattr(cpu_kernel, "_state", {"lib": None, "error": None, "path": None})
+    fn = cpu_kernel._load()  # builds, loads and checks against the reference (raises if off)
+    shape, window, shift, heads, d = (1, 24, 48), (6, 24), (3, 12), 6, 15
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(*shape, 2, 3, heads, d, generator=g)
+    lw, lb = torch.randn(2 * heads * d, 9, generator=g), torch.randn(2 * heads * d, generator=g)
+    out = cpu_kernel._call(fn, scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, 2)
+    ref = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, pad=d)
+    assert (out - ref).abs().max() <= TOL
