@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .switch import Switch
+
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
 #: the largest head dim the kernel takes (EDT's are 5, 10 and 15)
@@ -38,18 +40,9 @@ MAX_HEAD_DIM = 16
 #: the kernel computes softmax with 2^x: q's rows of the qkv weight carry this factor on top of the attention scale
 LOG2E = 1.0 / math.log(2.0)
 
-_enabled = [os.environ.get("EDTIR_CPU_KERNEL", "1") != "0"]
+#: EDTIR_CPU_KERNEL=0 in the environment (or ``with cpu_kernel.enabled(False)``) keeps the PyTorch fast path
+enabled = Switch("EDTIR_CPU_KERNEL")
 _state: dict = {"lib": None, "error": None, "path": None}
-
-
-@contextlib.contextmanager
-def enabled(on: bool):
-    """Use the C kernel where it serves (True) or never (False) inside the ``with`` block."""
-    old, _enabled[0] = _enabled[0], bool(on)
-    try:
-        yield
-    finally:
-        _enabled[0] = old
 
 
 def cache_dir() -> Path:
@@ -125,7 +118,7 @@ def library():
 
 def status() -> str:
     """One line: whether the C kernel serves on this machine, and why not."""
-    if not _enabled[0]:
+    if not enabled.on:
         return "off (EDTIR_CPU_KERNEL=0)"
     if library() is not None:
         return f"on ({_state['path']})"
@@ -134,7 +127,7 @@ def status() -> str:
 
 def serves(x: torch.Tensor, head_dim: int) -> bool:
     """CPU, float32 (no autocast), no autograd: inference. The caller checks for export and compile."""
-    return (_enabled[0] and x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
+    return (enabled.on and x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and library() is not None)
 
 

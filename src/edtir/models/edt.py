@@ -726,11 +726,12 @@ class EDTBlock(nn.Module):
                 outs.append(branch(part, None))
         return self.proj(torch.cat(outs, dim=-1))
 
-    def qkv_weight(self, pads: tuple[int, int], scale_q: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def qkv_weight(self, pads: tuple[int, int], scale_q: bool = False,
+                   q_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``qkv``'s weight and bias with output rows in the fast path's per-token order (branch, q/k/v, head,
         dim) and each head's dim zero-padded to ``pads`` (q and k, v): the attention inputs come out of the
         projection ready; with ``scale_q`` the q rows are multiplied by the attention scale (a pass over the logits
-        fewer)."""
+        fewer), and by ``q_factor`` (the CPU kernel's log2(e), for its base-2 softmax)."""
         w, b = self.qkv.weight, self.qkv.bias
         C, heads, d = w.shape[1], self.attns[0].heads, self.attns[0].head_dim
         key = (pads, str(w.device))
@@ -745,7 +746,7 @@ class EDTBlock(nn.Module):
             w, b = torch.cat([w, w.new_zeros(1, C)]), torch.cat([b, b.new_zeros(1)])
         w, b = w.index_select(0, index), b.index_select(0, index)
         if scale_q:
-            s = torch.where(q_rows, self.attns[0].scale, 1.0).to(w.dtype)
+            s = torch.where(q_rows, self.attns[0].scale * q_factor, 1.0).to(w.dtype)
             w, b = w * s[:, None], b * s
         return w, b
 
@@ -824,12 +825,9 @@ class EDTBlock(nn.Module):
 
     def _cpu_weights(self) -> tuple[torch.Tensor, ...]:
         d = self.attns[0].head_dim
-        wq, bq = self.qkv_weight((d, d), scale_q=True)
-        branch = wq.shape[0] // 2  # rows [branch][q, k, v][head][dim]
-        q_rows = torch.arange(wq.shape[0], device=wq.device) % branch < branch // 3
-        s = torch.where(q_rows, cpu_kernel.LOG2E, 1.0).to(wq.dtype)  # the kernel's softmax is base 2
+        wq, bq = self.qkv_weight((d, d), scale_q=True, q_factor=cpu_kernel.LOG2E)  # the kernel's softmax is base 2
         lw, lb = kernels.lepe_weights(self)
-        return tuple(t.contiguous() for t in (wq * s[:, None], bq * s, lw, lb))
+        return tuple(t.contiguous() for t in (wq, bq, lw, lb))
 
     def cached_weights(self, tag: str, make) -> tuple[torch.Tensor, ...]:
         """``make()``'s weights, built once and kept while no parameter changes (each parameter's data pointer and

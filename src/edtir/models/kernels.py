@@ -19,7 +19,6 @@ GPU against the reference path.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from .switch import Switch
 
 # Triton 3.9 warns that its default for fusing multiply-adds will change; the kernels were timed with fusion on
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -37,17 +37,7 @@ except Exception:  # pragma: no cover - not installed, or an install that does n
     triton = None
 
 #: EDTIR_TRITON=0 in the environment (or ``with kernels.enabled(False)``) keeps the eager fast path on CUDA too.
-_enabled = [os.environ.get("EDTIR_TRITON", "1") != "0"]
-
-
-@contextlib.contextmanager
-def enabled(on: bool):
-    """Use the fused kernels where they serve (True) or never (False) inside the ``with`` block."""
-    old, _enabled[0] = _enabled[0], bool(on)
-    try:
-        yield
-    finally:
-        _enabled[0] = old
+enabled = Switch("EDTIR_TRITON")
 
 
 #: devices on which a kernel failed (a GPU or Triton version they do not compile for): PyTorch's path there
@@ -55,7 +45,7 @@ _failed: set[str] = set()
 
 
 def available() -> bool:
-    return triton is not None and _enabled[0]
+    return triton is not None and enabled.on
 
 
 def disable(device: torch.device, error: Exception) -> None:
