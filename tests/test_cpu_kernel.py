@@ -1,5 +1,5 @@
-"""The C attention kernel for CPU inference (edtir.models.cpu_kernel) against the reference formulation, in the
-model, and what happens where it cannot be built."""
+"""The C kernels for CPU inference (edtir.models.cpu_kernel: the window attention, and proj with the FFN) against
+the reference formulations, in the model, and what happens where they cannot be built."""
 
 import ctypes
 import math
@@ -7,6 +7,7 @@ import platform
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_fast_paths import TOL, sharpen, small_b, small_t
 
 from edtir.models import cpu_kernel, kernels
@@ -39,8 +40,8 @@ def test_kernel_equals_reference(shape, window, shift, heads, d, threads):
     g = torch.Generator().manual_seed(sum(shape) + d)
     qkv = torch.randn(*shape, 2, 3, heads, d, generator=g) * 0.7
     lw, lb = torch.randn(2 * heads * d, 9, generator=g), torch.randn(2 * heads * d, generator=g)
-    out = cpu_kernel._call(cpu_kernel.library(), scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d,
-                           lw, lb, threads)
+    fn = cpu_kernel.library().attention
+    out = cpu_kernel._call(fn, scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, threads)
     ref = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, pad=d)
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= TOL
@@ -54,8 +55,8 @@ def test_kernel_masks_across_shift_regions():
     g = torch.Generator().manual_seed(1)
     qkv = torch.randn(*shape, 2, 3, heads, d, generator=g) * 3
     lw, lb = torch.zeros(2 * heads * d, 9), torch.zeros(2 * heads * d)
-    out = cpu_kernel._call(cpu_kernel.library(), scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d,
-                           lw, lb, 1)
+    fn = cpu_kernel.library().attention
+    out = cpu_kernel._call(fn, scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, 1)
     ref = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, pad=d)
     unmasked = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, (0, 0), heads, d, lw, lb,
                                                   pad=d)
@@ -130,33 +131,104 @@ def test_without_a_compiler_the_pytorch_path_serves(cc, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_miscompiled_kernel_is_not_used():
-    """The check against the reference on load: a kernel that computes something else is refused."""
-    n = 8 * 8 * 2 * 2 * 3  # the check's output: an 8x8 map, 2 branches, 2 heads of 3
-
-    def wrong(qkv, out, *args):
+def _writes_pi(n):
+    """A stand-in for a miscompiled kernel: it fills its output (the argument after the inputs) with pi."""
+    def wrong(*args):
+        out = args[1] if n == ATTENTION_CHECK_OUT else args[2]
         (ctypes.c_float * n).from_address(out)[:] = [math.pi] * n
         return 0
+    return wrong
 
-    with pytest.raises(RuntimeError, match="off by"):
-        cpu_kernel._check(wrong)
+
+ATTENTION_CHECK_OUT = 8 * 8 * 2 * 2 * 3  # the check's attention output: an 8x8 map, 2 branches, 2 heads of 3
+FFN_CHECK_OUT = 2 * 5 * 11 * 12  # its FFN output: 2 images of 5x11, 12 channels
+
+
+@built
+@pytest.mark.parametrize("which", ["attention", "proj_ffn"])
+def test_a_miscompiled_kernel_is_not_used(which):
+    """The check against the reference on load: a library where either kernel computes something else is refused."""
+    good = cpu_kernel.library()
+    lib = good._replace(**{which: _writes_pi(ATTENTION_CHECK_OUT if which == "attention" else FFN_CHECK_OUT)})
+    with pytest.raises(RuntimeError, match=f"{'attention' if which == 'attention' else 'FFN'} kernel is off by"):
+        cpu_kernel._check(lib)
+    cpu_kernel._check(good)  # and the real one passes
+
+
+FFN_CASES = [  # (B, H, W), C, hidden
+    ((1, 24, 48), 60, 120),   # EDT-T's widths
+    ((1, 12, 24), 180, 360),  # EDT-B's
+    ((2, 7, 13), 12, 40),     # two images, rows of 13 pixels (not a multiple of 8), widths not multiples of 16
+    ((1, 1, 5), 16, 16),      # a single row: every tap above and below is outside the map
+    ((1, 3, 2), 8, 24),       # fewer rows than threads' halos, two pixels a row
+]
+
+
+@built
+@pytest.mark.parametrize("shape,C,hidden", FFN_CASES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_ffn_kernel_equals_reference(shape, C, hidden, threads):
+    g = torch.Generator().manual_seed(sum(shape) + C + hidden)
+    y, x, layers = cpu_kernel._ffn_case(g, shape, C, hidden)
+    with torch.no_grad():
+        out = cpu_kernel._call_ffn(cpu_kernel.library().proj_ffn, y, x, cpu_kernel.ffn_weights(*layers), threads)
+        ref = cpu_kernel.reference_proj_ffn(y, x, *layers)
+        # the test can tell: without the depthwise conv's neighbours (a 1x1 kernel of its centre taps) it is far off
+        centre = torch.nn.Conv2d(hidden, hidden, 1, groups=hidden)
+        centre.weight.copy_(layers[3].weight[:, :, 2:3, 2:3])
+        centre.bias.copy_(layers[3].bias)
+        local = cpu_kernel.reference_proj_ffn(y, x, *layers[:3], centre, layers[4])
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= TOL * max(1.0, ref.abs().max().item() / 10)
+    if shape[1] * shape[2] > 1:
+        assert (local - ref).abs().max() > 100 * TOL
+
+
+@built
+def test_ffn_kernel_gelu_is_erf_gelu():
+    """The kernel's GELU on values from about -10 to 10 (proj, fc1 and fc2 identities, the conv's centre tap 1, the
+    norm's gain 6): PyTorch's exact (erf) GELU, which the tanh form is not."""
+    C = hidden = 16
+    v = torch.linspace(-1, 1, 256 * C).view(1, 256, 1, C) ** 3 + torch.linspace(0, 1, C)
+    proj, fc1, fc2 = torch.nn.Linear(C, C), torch.nn.Linear(C, hidden), torch.nn.Linear(hidden, C)
+    norm, dw = torch.nn.LayerNorm(C), torch.nn.Conv2d(hidden, hidden, 5, padding=2, groups=hidden)
+    with torch.no_grad():
+        for lin in (proj, fc1, fc2):
+            lin.weight.copy_(torch.eye(C))
+            lin.bias.zero_()
+        norm.weight.fill_(6.0)
+        dw.weight.zero_()
+        dw.weight[:, :, 2, 2] = 1.0
+        dw.bias.zero_()
+        x = torch.zeros_like(v)
+        out = cpu_kernel.proj_ffn(v, x, cpu_kernel.ffn_weights(proj, norm, fc1, dw, fc2))
+        ref = cpu_kernel.reference_proj_ffn(v, x, proj, norm, fc1, dw, fc2)
+        h = norm(v)
+        tanh_form = v + F.gelu(F.gelu(h, approximate="tanh"), approximate="tanh")
+    assert h.min() < -8 and h.max() > 8  # the range the test claims
+    assert ((out - ref).abs() / ref.abs().clamp(min=1)).max() <= 5e-6  # relative beyond 1 (the norm rounds too)
+    assert (tanh_form - ref).abs().max() > 1e-4  # the test can tell erf from the tanh form
 
 
 @built
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["AVX2", "SSE2"])
 def test_kernel_without_avx512_equals_reference(march, tmp_path, monkeypatch):
-    """The portable paths (no AVX-512: the exponential's and the maximum's generic forms) on a CPU that has
-    AVX-512, by building for an older instruction set."""
+    """The portable paths (no AVX-512: the exponential's, the maximum's, the masked loads' and the reciprocal's
+    generic forms) of both kernels on a CPU that has AVX-512, by building for an older instruction set."""
     monkeypatch.setenv("EDTIR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_kernel, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f
                                                    for f in cpu_kernel.FLAGS))
     monkeypatch.setattr(cpu_kernel, "_state", {"lib": None, "error": None, "path": None})
-    fn = cpu_kernel._load()  # builds, loads and checks against the reference (raises if off)
+    lib = cpu_kernel._load()  # builds, loads and checks both kernels against the reference (raises if off)
     shape, window, shift, heads, d = (1, 24, 48), (6, 24), (3, 12), 6, 15
     g = torch.Generator().manual_seed(5)
     qkv = torch.randn(*shape, 2, 3, heads, d, generator=g)
     lw, lb = torch.randn(2 * heads * d, 9, generator=g), torch.randn(2 * heads * d, generator=g)
-    out = cpu_kernel._call(fn, scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, 2)
+    out = cpu_kernel._call(lib.attention, scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, 2)
     ref = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, pad=d)
     assert (out - ref).abs().max() <= TOL
+    y, x, layers = cpu_kernel._ffn_case(g, (1, 9, 27), 60, 120)
+    with torch.no_grad():
+        out = cpu_kernel._call_ffn(lib.proj_ffn, y, x, cpu_kernel.ffn_weights(*layers), 2)
+        assert (out - cpu_kernel.reference_proj_ffn(y, x, *layers)).abs().max() <= TOL

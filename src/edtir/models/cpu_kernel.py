@@ -1,10 +1,14 @@
-"""EDT's window attention for fp32 inference on the CPU as one C kernel (``cpu_attention.c``).
+"""An EDT block for fp32 inference on the CPU as two C kernels: the window attention (``cpu_attention.c``) and
+``proj`` with the FFN (``cpu_ffn.c``), built into one library.
 
 On a 2-core VM the eager fast path spent most of an EDT-T pass, and a third of an EDT-B one, in the attention:
 batched products of 144 x 144 logits, softmax passes over them and the gathers around them
-(docs/performance.md). The C kernel does one (window, branch, head) at a time with the logits in L1, 16 queries
-per vector so that softmax needs no horizontal reduction, reads q, k and v straight from the qkv projection's map
-(roll, window partition and shift mask are index arithmetic) and writes ``proj``'s input with LePE added.
+(docs/performance.md). The attention kernel does one (window, branch, head) at a time with the logits in L1, 16
+queries per vector so that softmax needs no horizontal reduction, reads q, k and v straight from the qkv
+projection's map (roll, window partition and shift mask are index arithmetic) and writes ``proj``'s input with
+LePE added. After it, the products ran at the pace of memory, not of the arithmetic: EDT-T's maps are 17 MB at
+264x264 (fc1's output 33 MB) and each op of the FFN read and wrote one. The second kernel takes ``proj``, its
+residual add and the whole FFN row by row, with the rows in flight (five, for the 5x5 depthwise conv) in L2.
 
 No build step at install: on first use the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) builds
 it with ``-O3 -march=native -fopenmp`` into the cache (``$EDTIR_CACHE_DIR``, else ``$XDG_CACHE_HOME/edtir``,
@@ -27,13 +31,17 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .switch import Switch
 
-SOURCE = Path(__file__).with_name("cpu_attention.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_attention.c", "cpu_ffn.c"))
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("cpu_vec.h",))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
 #: the largest head dim the kernel takes (EDT's are 5, 10 and 15)
 MAX_HEAD_DIM = 16
@@ -72,8 +80,9 @@ def _build() -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (set CC, or install gcc or clang)")
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _machine()]).encode()).hexdigest()
-    path = cache_dir() / f"cpu_attention-{key[:16]}.so"
+    text = [p.read_text() for p in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\n".join([*text, " ".join(FLAGS), version, _machine()]).encode()).hexdigest()
+    path = cache_dir() / f"cpu_kernels-{key[:16]}.so"
     if path.exists():
         return path
     try:
@@ -84,7 +93,7 @@ def _build() -> Path:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        run = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=600)
+        run = subprocess.run([*cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["?"])[-1]
             raise RuntimeError(f"{Path(cc[0]).name} failed: {last[:200]}")
@@ -95,19 +104,30 @@ def _build() -> Path:
     return path
 
 
-def _load():
+class Kernels(NamedTuple):
+    """The library's entry points."""
+    attention: Callable
+    proj_ffn: Callable
+
+
+def _load() -> Kernels:
     path = _build()
     lib = ctypes.CDLL(str(path))
-    fn = lib.edt_window_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 10
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    attention = lib.edt_window_attention
+    attention.restype = i32
+    attention.argtypes = [ptr] * 4 + [i32] * 10
+    ffn = lib.edt_proj_ffn
+    ffn.restype = i32
+    ffn.argtypes = [ptr] * 3 + [i32] * 4 + [ptr] * 4 + [ctypes.c_float] + [ptr] * 2 + [i32] + [ptr] * 4 + [i32]
     _state["path"] = path
-    _check(fn)
-    return fn
+    kernels = Kernels(attention, ffn)
+    _check(kernels)
+    return kernels
 
 
-def library():
-    """The kernel's entry point, built and checked on first call; None where it cannot serve (see :func:`status`)."""
+def library() -> Kernels | None:
+    """The kernels, built and checked on first call; None where they cannot serve (see :func:`status`)."""
     if _state["lib"] is None and _state["error"] is None:
         try:
             _state["lib"] = _load()
@@ -154,15 +174,81 @@ def window_attention(qkv: torch.Tensor, shape, window: tuple[int, int], shift: t
     it. ``window`` is the horizontal branch's (the vertical one is its transpose), ``shift`` its roll ((0, 0) when
     not shifted); ``lepe_weight`` (2 * heads * head_dim, 9) holds both branches' 3x3 kernels, each in its own
     window's frame (:func:`kernels.lepe_weights`)."""
-    return _call(library(), qkv, shape, window, shift, heads, head_dim, lepe_weight, lepe_bias,
+    return _call(library().attention, qkv, shape, window, shift, heads, head_dim, lepe_weight, lepe_bias,
                  torch.get_num_threads())
 
 
-def _check(fn) -> None:
-    """The kernel against the reference formulation on a small map, both branches, shifted and not: a compiler
-    that miscompiles it must not change a user's output."""
+#: the column width of the FFN kernel's packed weights (4 vectors of 16)
+PANEL = 64
+
+
+def panels(weight: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight (N, K) as the FFN kernel reads it: (ceil(N / 64), K, 64), zero rows beyond N."""
+    n, k = weight.shape
+    return F.pad(weight.float(), (0, 0, 0, -n % PANEL)).view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+class FFNWeights(NamedTuple):
+    """What :func:`proj_ffn` reads, packed once per block (:func:`ffn_weights`)."""
+    proj: torch.Tensor
+    proj_bias: torch.Tensor
+    norm: torch.Tensor
+    norm_bias: torch.Tensor
+    eps: float
+    fc1: torch.Tensor
+    fc1_bias: torch.Tensor
+    dwconv: torch.Tensor  # (25, hidden): tap-major
+    dwconv_bias: torch.Tensor
+    fc2: torch.Tensor
+    fc2_bias: torch.Tensor
+
+
+def ffn_weights(proj, norm, fc1, dwconv, fc2) -> FFNWeights:
+    """The layers of a block's second half (``nn.Linear``, ``nn.LayerNorm``, the 5x5 depthwise ``nn.Conv2d``)."""
+    if tuple(dwconv.kernel_size) != (5, 5) or tuple(dwconv.padding) != (2, 2) or dwconv.groups != dwconv.in_channels:
+        raise ValueError(f"proj_ffn: the FFN's conv must be 5x5 depthwise with padding 2, got {dwconv}")
+    c = [t.detach().float().contiguous() for t in (proj.bias, norm.weight, norm.bias, fc1.bias, dwconv.bias, fc2.bias)]
+    taps = dwconv.weight.detach().float().reshape(dwconv.out_channels, 25).t().contiguous()
+    return FFNWeights(panels(proj.weight.detach()), c[0], c[1], c[2], float(norm.eps), panels(fc1.weight.detach()),
+                      c[3], taps, c[4], panels(fc2.weight.detach()), c[5])
+
+
+def _call_ffn(fn, y: torch.Tensor, x: torch.Tensor, w: FFNWeights, threads: int) -> torch.Tensor:
+    B, H, W, C = x.shape
+    hidden = w.fc1_bias.shape[0]
+    if y.shape != x.shape or w.proj_bias.shape[0] != C or w.fc1.shape[1] != C or w.fc2.shape[1] != hidden:
+        raise ValueError(f"proj_ffn: maps {tuple(y.shape)} and {tuple(x.shape)} do not fit the weights "
+                         f"(C {w.proj_bias.shape[0]}, hidden {hidden})")
+    y, x = y.contiguous(), x.contiguous()
+    out = torch.empty_like(x)
+    rc = fn(y.data_ptr(), x.data_ptr(), out.data_ptr(), B, H, W, C, w.proj.data_ptr(), w.proj_bias.data_ptr(),
+            w.norm.data_ptr(), w.norm_bias.data_ptr(), w.eps, w.fc1.data_ptr(), w.fc1_bias.data_ptr(), hidden,
+            w.dwconv.data_ptr(), w.dwconv_bias.data_ptr(), w.fc2.data_ptr(), w.fc2_bias.data_ptr(), threads)
+    if rc != 0:
+        raise RuntimeError("edt_proj_ffn failed (out of memory?)")
+    return out
+
+
+def proj_ffn(y: torch.Tensor, x: torch.Tensor, weights: FFNWeights) -> torch.Tensor:
+    """The rest of an EDT block after the attention: ``m = x + proj(y)``, then ``m + fc2(GELU(dwconv(GELU(fc1(
+    norm(m))))))``; y and x (B, H, W, C) channels-last."""
+    return _call_ffn(library().proj_ffn, y, x, weights, torch.get_num_threads())
+
+
+def reference_proj_ffn(y: torch.Tensor, x: torch.Tensor, proj, norm, fc1, dwconv, fc2) -> torch.Tensor:
+    """The same in PyTorch's ops, layer by layer: what the kernel is checked against."""
+    m = x + proj(y)
+    h = F.gelu(dwconv(F.gelu(fc1(norm(m))).permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+    return m + fc2(h)
+
+
+def _check(lib: Kernels) -> None:
+    """The kernels against the reference formulations on small maps (the attention: both branches, shifted and not;
+    the FFN: widths that are not multiples of 16, a row that is not a multiple of 8 pixels, two images): a compiler
+    that miscompiles them must not change a user's output."""
     from .kernels import reference_window_attention
 
+    fn = lib.attention
     gen = torch.Generator().manual_seed(0)
     heads, d, window, (B, H, W) = 2, 3, (2, 4), (1, 8, 8)
     qkv = torch.randn(B, H, W, 2, 3, heads, d, generator=gen)
@@ -175,4 +261,21 @@ def _check(fn) -> None:
                                          pad=d)
         err = (out - ref).abs().max().item()
         if not err <= 1e-4:
-            raise RuntimeError(f"the built kernel is off by {err:.3g} from the reference")
+            raise RuntimeError(f"the built attention kernel is off by {err:.3g} from the reference")
+    y, x, layers = _ffn_case(gen, (2, 5, 11), 12, 40)
+    with torch.no_grad():
+        out = _call_ffn(lib.proj_ffn, y, x, ffn_weights(*layers), 2)
+        err = (out - reference_proj_ffn(y, x, *layers)).abs().max().item()
+    if not err <= 1e-4:
+        raise RuntimeError(f"the built FFN kernel is off by {err:.3g} from the reference")
+
+
+def _ffn_case(gen, shape, C, hidden):
+    """Random maps and layers (proj, norm, fc1, dwconv, fc2) for checking the FFN kernel."""
+    with torch.random.fork_rng(devices=[]):  # the layers' own initialisation must not move the caller's generator
+        layers = (torch.nn.Linear(C, C), torch.nn.LayerNorm(C), torch.nn.Linear(C, hidden),
+                  torch.nn.Conv2d(hidden, hidden, 5, padding=2, groups=hidden), torch.nn.Linear(hidden, C))
+    with torch.no_grad():
+        for p in (p for m in layers for p in m.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return torch.randn(*shape, C, generator=gen), torch.randn(*shape, C, generator=gen), layers

@@ -812,22 +812,22 @@ class EDTBlock(nn.Module):
         return self.mlp(self.norm2(x), residual=x)
 
     def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        """The fast path for fp32 inference on the CPU with the C kernel of :mod:`cpu_kernel`: the attention of both
+        """The fast path for fp32 inference on the CPU with the C kernels of :mod:`cpu_kernel`: the attention of both
         branches, shift mask and LePE included, from the qkv map straight to ``proj``'s input (no gather, scatter,
-        mask tensor or logits in memory); the products are oneDNN's, with the residual adds and GELU fused."""
+        mask tensor or logits in memory); then ``proj``, the FFN and both residual adds in one pass over the rows."""
         B, H, W, C = x.shape
         a = self.attns[0]
-        wq, bq, lw, lb = self.cached_weights("cpu", self._cpu_weights)
+        wq, bq, lw, lb, ffn = self.cached_weights("cpu", self._cpu_weights)
         qkv = linear(self.qkv, self.norm1(x), weight=wq, bias=bq)  # (B, H, W, [branch, q/k/v, head, dim])
         y = cpu_kernel.window_attention(qkv, (B, H, W), a.window, self.shift_h, a.heads, a.head_dim, lw, lb)
-        x = linear(self.proj, y, residual=x)
-        return self.mlp(self.norm2(x), residual=x)
+        return cpu_kernel.proj_ffn(y, x, ffn)
 
-    def _cpu_weights(self) -> tuple[torch.Tensor, ...]:
+    def _cpu_weights(self) -> tuple:
         d = self.attns[0].head_dim
         wq, bq = self.qkv_weight((d, d), scale_q=True, q_factor=cpu_kernel.LOG2E)  # the kernel's softmax is base 2
         lw, lb = kernels.lepe_weights(self)
-        return tuple(t.contiguous() for t in (wq, bq, lw, lb))
+        ffn = cpu_kernel.ffn_weights(self.proj, self.norm2, self.mlp.fc1, self.mlp.dwconv, self.mlp.fc2)
+        return tuple(t.contiguous() for t in (wq, bq, lw, lb)) + (ffn,)
 
     def cached_weights(self, tag: str, make) -> tuple[torch.Tensor, ...]:
         """``make()``'s weights, built once and kept while no parameter changes (each parameter's data pointer and

@@ -1,0 +1,251 @@
+/* The second half of an EDT block for fp32 inference on the CPU: proj and its residual add, then the anti-blocking
+   FFN (layer norm, fc1, GELU, 5x5 depthwise conv, GELU, fc2) and its residual add.
+
+   Built with cpu_attention.c into one library by edtir/models/cpu_kernel.py and called through ctypes after the
+   attention kernel. Why: on a 2-core VM, oneDNN's products for EDT-T's 60-wide layers ran at 124-152 GFLOP/s on
+   a whole 264x264 map and at 160-175 on a map that fits in cache, and this file's product reaches 190-200 (the
+   machine's peak) on cached rows but only 123-144 on the whole map: the maps (17 MB; 33 MB for fc1's output),
+   not the arithmetic, set the pace. So the FFN goes row by row through the image with everything between the
+   block's two maps in L2: each row of fc1's output is computed once into a ring of five rows (the depthwise conv's
+   height), each output row of the conv goes straight into fc2. Per block the FFN then reads and writes one map of
+   C channels each, where the op-by-op path wrote and read six, two of them twice as wide.
+
+   Layouts (float32, C-contiguous, rows of pixels):
+     y, x, mid, out: (B, H, W, C)   proj's input (the attention's output), the block's input, proj's result
+                                    plus x, the block's output
+     panels of a product's weight (N, K): (ceil(N / 64), K, 64), zero beyond N (PyTorch packs them once)
+     dw_w: (25, hidden), the depthwise kernel tap-major; dw_b: (hidden,) */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_vec.h"
+
+#define NV 4              /* vectors per panel: a 6 x 64 tile of the product is 24 accumulators */
+#define PANEL (NV * LANES)
+#define MR 6              /* rows per tile */
+
+/* A vector of the first n (1..16) floats at p, zeros after; and its store. */
+static inline v16 vload_n(const float *p, int n) {
+    if (n == LANES) return vload(p);
+#ifdef __AVX512F__
+    return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+#else
+    float t[LANES] = {0};
+    memcpy(t, p, sizeof(float) * n);
+    return vload(t);
+#endif
+}
+
+static inline void vstore_n(float *p, v16 v, int n) {
+    if (n == LANES) {
+        vstore(p, v);
+        return;
+    }
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+#else
+    float t[LANES];
+    vstore(t, v);
+    memcpy(p, t, sizeof(float) * n);
+#endif
+}
+
+/* 1 / a: AVX-512's 14-bit estimate and one Newton step (about 1e-8 relative), elsewhere a division. */
+static inline v16 vrcp(v16 a) {
+#ifdef __AVX512F__
+    v16 r = (v16)_mm512_rcp14_ps((__m512)a);
+    return r * (splat(2.0f) - a * r);
+#else
+    return splat(1.0f) / a;
+#endif
+}
+
+/* GELU(x) = x Phi(x) with erf, as PyTorch's default (not the tanh form). erfc(z) = poly(t) e^(-z^2) with
+   t = 1 / (1 + p z) (Abramowitz and Stegun 7.1.26, |error| <= 1.5e-7), z = |x| / sqrt(2); then
+   GELU(x) = x - x erfc(z) / 2 for x >= 0 and x erfc(z) / 2 below zero (no cancellation on the negative side). */
+static inline v16 vgelu(v16 x) {
+    const v16 z = vabs(x) * splat(0.70710678118654752f);
+    const v16 t = vrcp(splat(1.0f) + splat(0.3275911f) * z);
+    v16 p = splat(1.061405429f);
+    p = p * t + splat(-1.453152027f);
+    p = p * t + splat(1.421413741f);
+    p = p * t + splat(-0.284496736f);
+    p = p * t + splat(0.254829592f);
+    p = p * t;
+    const v16 h = splat(0.5f) * x * p * vexp2(splat(-1.4426950408889634f) * z * z);
+    return vselect(x >= splat(0.0f), x - h, h);
+}
+
+/* One tile of y = x wT + b, then GELU or + res: MR_ rows of x (row stride K) against one panel of the weight, at
+   most 64 output columns from n0 (row stride N for y and res). MR_ is a constant where this is inlined. */
+static inline __attribute__((always_inline)) void tile(const float *restrict x, int K, const float *restrict wp,
+                                                       const float *restrict b, const float *restrict res,
+                                                       float *restrict y, int N, int n0, const int MR_, int gelu) {
+    v16 acc[MR][NV];
+    for (int r = 0; r < MR_; r++)
+        for (int v = 0; v < NV; v++) acc[r][v] = splat(0.0f);
+    for (int k = 0; k < K; k++) {
+        v16 w[NV];
+        for (int v = 0; v < NV; v++) w[v] = vload(wp + (int64_t)k * PANEL + v * LANES);
+        for (int r = 0; r < MR_; r++) {
+            const v16 xb = splat(x[(int64_t)r * K + k]);
+            for (int v = 0; v < NV; v++) acc[r][v] += xb * w[v];
+        }
+    }
+    for (int v = 0; v < NV && n0 + v * LANES < N; v++) {
+        const int c = n0 + v * LANES, n = N - c < LANES ? N - c : LANES;
+        const v16 bv = vload_n(b + c, n);
+        for (int r = 0; r < MR_; r++) {
+            v16 o = acc[r][v] + bv;
+            if (gelu) o = vgelu(o);
+            if (res) o += vload_n(res + (int64_t)r * N + c, n);
+            vstore_n(y + (int64_t)r * N + c, o, n);
+        }
+    }
+}
+
+/* y = x wT + b (GELU'd, or plus res) for M rows, one thread: panel by panel, so a panel (K x 64) stays in L1
+   while the rows (in L2) go past it. */
+static void product(const float *x, int64_t M, int K, const float *wp, int N, const float *b, const float *res,
+                    float *y, int gelu) {
+    const int P = (N + PANEL - 1) / PANEL;
+    for (int p = 0; p < P; p++) {
+        const float *w = wp + (int64_t)p * K * PANEL;
+        int64_t m = 0;
+        for (; m + MR <= M; m += MR)
+            tile(x + m * K, K, w, b, res ? res + m * N : NULL, y + m * N, N, p * PANEL, MR, gelu);
+        switch (M - m) { /* the last rows: constant tile heights, so the loops above unroll */
+#define LAST(R) case R: tile(x + m * K, K, w, b, res ? res + m * N : NULL, y + m * N, N, p * PANEL, R, gelu); break;
+            LAST(1) LAST(2) LAST(3) LAST(4) LAST(5)
+#undef LAST
+        }
+    }
+}
+
+static inline float hsum(v16 v) {
+#ifdef __AVX512F__
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float t[LANES], s = 0.0f;
+    vstore(t, v);
+    for (int i = 0; i < LANES; i++) s += t[i];
+    return s;
+#endif
+}
+
+/* PyTorch's layer norm over the C channels of each of n pixels: (x - mean) / sqrt(var + eps) * g + beta, the
+   variance from the deviations (two passes over a pixel's channels, in L1). */
+static void layer_norm(const float *restrict x, int64_t n, int C, const float *restrict g,
+                       const float *restrict beta, float eps, float *restrict out) {
+    const int tail = C % LANES ? C % LANES : LANES, last = C - tail; /* the last vector holds tail channels */
+    v16 keep; /* 1 in the last vector's lanes that hold channels, 0 beyond */
+    for (int i = 0; i < LANES; i++) keep[i] = i < tail ? 1.0f : 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * C;
+        float *oi = out + i * C;
+        v16 s = vload_n(xi + last, tail);
+        for (int c = 0; c < last; c += LANES) s += vload(xi + c);
+        const v16 mean = splat(hsum(s) / (float)C);
+        v16 d = (vload_n(xi + last, tail) - mean) * keep, q = d * d;
+        for (int c = 0; c < last; c += LANES) {
+            d = vload(xi + c) - mean;
+            q += d * d;
+        }
+        const v16 rstd = splat(1.0f / sqrtf(hsum(q) / (float)C + eps));
+        for (int c = 0; c < last; c += LANES) vstore(oi + c, (vload(xi + c) - mean) * rstd * vload(g + c) + vload(beta + c));
+        vstore_n(oi + last, (vload_n(xi + last, tail) - mean) * rstd * vload_n(g + last, tail) + vload_n(beta + last, tail), tail);
+    }
+}
+
+/* The depthwise conv for one vector of channels from c (n of them: a constant where this is inlined) over a whole
+   output row; see dwconv_row. */
+static inline __attribute__((always_inline)) void dwconv_cols(const float *const rows[5], int W, int Ch, int c,
+                                                              const int n, const float *restrict dw_w,
+                                                              const float *restrict dw_b, float *restrict out) {
+    enum { PX = 8 }; /* output pixels per step: 8 accumulators */
+    const v16 bv = vload_n(dw_b + c, n);
+    v16 wv[5];
+    for (int j0 = 0; j0 < W; j0 += PX) {
+        const int np = W - j0 < PX ? W - j0 : PX;
+        v16 acc[PX];
+        for (int p = 0; p < PX; p++) acc[p] = bv;
+        for (int dy = 0; dy < 5; dy++) {
+            if (!rows[dy]) continue;
+            for (int dx = 0; dx < 5; dx++) wv[dx] = vload_n(dw_w + (dy * 5 + dx) * Ch + c, n);
+            /* input pixel j0 + i - 2 sits at padded column j0 + i: 12 of them feed the 8 outputs */
+            const float *src = rows[dy] + (int64_t)j0 * Ch + c;
+            if (np == PX) {
+                for (int i = 0; i < PX + 4; i++) {
+                    const v16 in = vload_n(src + (int64_t)i * Ch, n);
+                    for (int dx = 0; dx < 5; dx++)
+                        if (i - dx >= 0 && i - dx < PX) acc[i - dx] += wv[dx] * in;
+                }
+            } else {
+                for (int i = 0; i < np + 4; i++) {
+                    const v16 in = vload_n(src + (int64_t)i * Ch, n);
+                    for (int dx = 0; dx < 5; dx++)
+                        if (i - dx >= 0 && i - dx < np) acc[i - dx] += wv[dx] * in;
+                }
+            }
+        }
+        for (int p = 0; p < np; p++) vstore_n(out + (int64_t)(j0 + p) * Ch + c, vgelu(acc[p]), n);
+    }
+}
+
+/* One output row of the depthwise 5x5 conv + bias, GELU'd: rows[0..4] are the five input rows around it (NULL
+   beyond the image), each with two zero pixels on either side (row stride (W + 4) * Ch); out is W x Ch. */
+static void dwconv_row(const float *const rows[5], int W, int Ch, const float *restrict dw_w,
+                       const float *restrict dw_b, float *restrict out) {
+    int c = 0;
+    for (; c + LANES <= Ch; c += LANES) dwconv_cols(rows, W, Ch, c, LANES, dw_w, dw_b, out);
+    if (c < Ch) dwconv_cols(rows, W, Ch, c, Ch - c, dw_w, dw_b, out);
+}
+
+/* Returns 0, or -1 when scratch cannot be allocated. */
+int edt_proj_ffn(const float *y, const float *x, float *out, int batch, int H, int W, int C, const float *proj_p,
+                 const float *proj_b, const float *ln_g, const float *ln_b, float eps, const float *fc1_p,
+                 const float *fc1_b, int hidden, const float *dw_w, const float *dw_b, const float *fc2_p,
+                 const float *fc2_b, int threads) {
+    if (threads < 1 || H < 1 || W < 1 || C < 1 || hidden < 1) return -1;
+    const int64_t RW = (int64_t)(W + 4) * hidden, RC = (int64_t)W * C; /* a ring row of fc1's output, zero-padded */
+    const size_t per = (size_t)(5 * RW + 6 * RC + (int64_t)W * hidden + 16) / 16 * 16;
+    float *scratch = aligned_alloc(64, sizeof(float) * per * threads);
+    if (!scratch) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+        int id = 0, nt = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        float *ring = scratch + per * id; /* fc1's output, five rows */
+        float *mids = ring + 5 * RW;      /* x + proj(y), five rows */
+        float *xn = mids + 5 * RC, *h = xn + RC;
+        memset(ring, 0, sizeof(float) * 5 * RW);
+        const int r0 = (int)((int64_t)H * id / nt), r1 = (int)((int64_t)H * (id + 1) / nt);
+        for (int image = 0; image < batch; image++) {
+            const int64_t at = (int64_t)image * H * RC; /* the image's first float */
+            int next = r0 - 2 > 0 ? r0 - 2 : 0;     /* the next row to take through proj, the norm and fc1 */
+            for (int r = r0; r < r1; r++) {
+                for (; next <= r + 2 && next < H; next++) {
+                    float *mid = mids + (next % 5) * RC;
+                    product(y + at + next * RC, W, C, proj_p, C, proj_b, x + at + next * RC, mid, 0);
+                    layer_norm(mid, W, C, ln_g, ln_b, eps, xn);
+                    product(xn, W, C, fc1_p, hidden, fc1_b, NULL, ring + (next % 5) * RW + 2 * hidden, 1);
+                }
+                const float *rows[5];
+                for (int dy = 0; dy < 5; dy++) {
+                    const int i = r + dy - 2;
+                    rows[dy] = i < 0 || i >= H ? NULL : ring + (i % 5) * RW;
+                }
+                dwconv_row(rows, W, hidden, dw_w, dw_b, h);
+                product(h, W, hidden, fc2_p, C, fc2_b, mids + (r % 5) * RC, out + at + r * RC, 0);
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}

@@ -1,0 +1,74 @@
+/* Vector helpers shared by the CPU kernels (cpu_attention.c, cpu_ffn.c): 16 float lanes through GCC/Clang vector
+   extensions, so the same code builds for AVX-512, AVX2 or any other target; AVX-512 intrinsics where they save
+   work. */
+#ifndef EDTIR_CPU_VEC_H
+#define EDTIR_CPU_VEC_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+#define LANES 16
+static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+static inline v16 vmax(v16 a, v16 b) {
+#ifdef __AVX512F__
+    return (v16)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+    v16i m = a > b;
+    return (v16)(((v16i)a & m) | ((v16i)b & ~m));
+#endif
+}
+
+/* 2^x for x <= 0 (softmax after subtracting the maximum, in base 2: q comes multiplied by log2(e)), lane-wise: a
+   degree-5 polynomial for 2^r on [-1/2, 1/2] (relative error 1.9e-7, fitted for this file), times 2^round(x).
+   Far below zero it returns 0 (AVX-512) or 2^-126, as good as zero next to the maximum's 1. */
+static inline v16 vexp2(v16 x) {
+#ifdef __AVX512F__
+    /* AVX-512: round, then scalef multiplies by 2^n and flushes what falls below the range to zero */
+    __m512 n = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v16 r = x - (v16)n;
+#else
+    const v16 magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
+    x = vmax(x, splat(-126.0f));
+    v16 t = x + magic;
+    v16 r = x - (t - magic); /* in [-1/2, 1/2] */
+#endif
+    v16 p = splat(1.326472614891827e-3f);
+    p = p * r + splat(9.671512991189957e-3f);
+    p = p * r + splat(5.550733581185341e-2f);
+    p = p * r + splat(2.4022242426872253e-1f);
+    p = p * r + splat(6.931470036506653e-1f);
+    p = p * r + splat(1.0f);
+#ifdef __AVX512F__
+    return (v16)_mm512_scalef_ps((__m512)p, n);
+#else
+    /* t's low bits hold round(x); shifted into the exponent field, the high bits (1.5 * 2^23's) fall off */
+    return (v16)((v16i)p + ((v16i)t << 23));
+#endif
+}
+
+static inline v16 vload(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+static inline v16 vabs(v16 a) { return (v16)((v16i)a & ~(v16i)splat(-0.0f)); }
+
+/* lane-wise m ? a : b, m a comparison's result (all bits set or none) */
+static inline v16 vselect(v16i m, v16 a, v16 b) { return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
+
+#endif
