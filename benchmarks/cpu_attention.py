@@ -1,7 +1,8 @@
 """CPU fp32 inference, three ways to compute the attention, interleaved in one process with the same weights and
 input: the flash kernel (heads padded to 16), the explicit, chunked attention (``edtir.models.edt.
-windowed_attention``; it pads EDT-T's q and k to 8 only), and the C kernel (``edtir.models.cpu_kernel``: both
-branches, the shift mask and LePE in one call, no gathers; the default where it builds).
+windowed_attention``; it pads EDT-T's q and k to 8 only), and the C kernels (``edtir.models.cpu_kernel``: the
+norm, qkv, both branches, the shift mask and LePE in one call, no gathers; then proj and the FFN in another; the
+default where they build).
 
     python benchmarks/cpu_attention.py                       # T 264, S 144, B 72, B 144, L 48; 2 threads, 3 rounds
     python benchmarks/cpu_attention.py --cases T:264,B:144 --threads 1 --rounds 5
@@ -48,13 +49,15 @@ def interleaved(model, x, ways: dict, rounds: int) -> tuple[dict, dict]:
 
 
 def blocks() -> None:
-    """The attention of one block alone, random q/k/v: an EDT-T block at 264x264 (968 windows x 6 heads of 144
-    tokens) at head dims 5, 8, 16, and an EDT-B block at 72x72 (72 windows x 6 heads, head dim 16), on 1 and 2
-    threads; flash kernel against :func:`windowed_attention`."""
+    """The attention of one block alone, random inputs: an EDT-T block at 264x264 (968 windows x 6 heads of 144
+    tokens) at head dims 5, 8, 16, and an EDT-B block at 72x72 (72 windows x 6 heads, head dim 15, 16), on 1 and 2
+    threads: the flash kernel and :func:`windowed_attention` on q, k, v, and the C kernel, which also does the
+    norm and the qkv product (timed on their own, oneDNN's, in the column before it)."""
     import torch.nn.functional as F
 
-    print("# one block's attention, median ms of 10; the C kernel's time includes LePE and the gathers")
-    print(f"{'block':<28}{'threads':>8}{'head dim':>10}{'flash':>10}{'explicit':>10}{'C kernel':>10}")
+    print("# one block's attention, median ms of 10; the C kernel's time includes the norm, the qkv product, LePE "
+          "and the gathers")
+    print(f"{'block':<18}{'threads':>8}{'head dim':>10}{'flash':>10}{'explicit':>10}{'norm+qkv':>10}{'C kernel':>10}")
     for label, windows, side, dims in (("EDT-T 264x264", 968, 264, (5, 8, 16)), ("EDT-B 72x72", 72, 72, (15, 16))):
         for threads in (1, 2):
             torch.set_num_threads(threads)
@@ -62,12 +65,18 @@ def blocks() -> None:
                 q, k, v = (torch.randn(windows, 6, 144, d) for _ in range(3))
                 flash = median_ms(lambda: F.scaled_dot_product_attention(q, k, v))  # noqa: B023
                 explicit = median_ms(lambda: E.windowed_attention(q, k, v, None, d ** -0.5))  # noqa: B023
-                qkv, lw, lb = torch.randn(1, side, side, 6 * 6 * d), torch.randn(12 * d, 9), torch.zeros(12 * d)
+                C = 12 * d
+                x, norm = torch.randn(1, side, side, C), torch.nn.LayerNorm(C)
+                wq, bq = torch.randn(6 * 6 * d, C) / C ** 0.5, torch.zeros(6 * 6 * d)
+                with torch.no_grad():
+                    qkv = median_ms(lambda: F.linear(norm(x), wq, bq))  # noqa: B023
                 kernel = float("nan")
                 if cpu_kernel.library():
-                    kernel = median_ms(lambda: cpu_kernel.window_attention(  # noqa: B023
-                        qkv, (1, side, side), (6, 24), (3, 12), 6, d, lw, lb))  # noqa: B023
-                print(f"{label:<28}{threads:>8}{d:>10}{flash:>10.1f}{explicit:>10.1f}{kernel:>10.1f}", flush=True)
+                    w = cpu_kernel.attention_weights(norm, wq, bq, torch.randn(12 * d, 9), torch.zeros(12 * d))
+                    kernel = median_ms(lambda: cpu_kernel.block_attention(  # noqa: B023
+                        x, w, (6, 24), (3, 12), 6, d))  # noqa: B023
+                print(f"{label:<18}{threads:>8}{d:>10}{flash:>10.1f}{explicit:>10.1f}{qkv:>10.1f}{kernel:>10.1f}",
+                      flush=True)
 
 
 def pads(args) -> None:

@@ -382,7 +382,7 @@ def main() -> int:
     if not gpu:
         from edtir.models import cpu_kernel
 
-        print(f"# C attention kernel: {cpu_kernel.status()}")
+        print(f"# C kernels: {cpu_kernel.status()}")
     if not args.quick:
         peaks = [f"{p}: {matmul_peak(device, dt) / 1e12:.3f} TFLOP/s" for p, dt in
                  (("fp32", torch.float32), ("bf16", torch.bfloat16)) if p in precisions]

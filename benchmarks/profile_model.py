@@ -85,7 +85,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def part_timers(acc: dict[str, float]):
     """Wall-clock time per part of the fast path (CPU: every call returns when its work is done), added to ``acc``."""
     F = torch.nn.functional
-    targets = [(edt, "linear", None), (cpu_kernel, "window_attention", "window attention + LePE (C kernel, CPU)"),
+    targets = [(edt, "linear", None), (cpu_kernel, "block_attention", "norm + qkv + attention + LePE (C kernel, CPU)"),
+               (cpu_kernel, "proj_ffn", "proj + FFN + residual adds (C kernel, CPU)"),
                (edt, "windowed_attention", "windowed attention (explicit, CPU)"),
                (edt, "permute_rows", "window gathers (index_select)"), (F, "conv2d", "convolutions (LePE, head, tail)"),
                (F, "scaled_dot_product_attention", "attention (fused SDPA)"), (F, "layer_norm", "layer norm"),

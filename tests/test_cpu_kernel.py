@@ -10,39 +10,41 @@ import torch
 import torch.nn.functional as F
 from test_fast_paths import TOL, sharpen, small_b, small_t
 
-from edtir.models import cpu_kernel, kernels
+from edtir.models import cpu_kernel
 from edtir.models.edt import reference_mode
 
 built = pytest.mark.skipif(cpu_kernel.library() is None, reason=f"the C kernel: {cpu_kernel.status()}")
 
 
-def scaled(qkv: torch.Tensor) -> torch.Tensor:
-    """qkv as the kernel reads it: q times log2(e) (its softmax is base 2; the reference's is base e)."""
-    out = qkv.clone()
-    out[..., 0, :, :] *= cpu_kernel.LOG2E
-    return out
-
-
-CASES = [  # (B, H, W), window, shift, heads, head dim
-    ((1, 24, 48), (6, 24), (3, 12), 6, 15),  # EDT-B's heads, shifted
-    ((2, 48, 24), (6, 24), (3, 12), 6, 5),   # EDT-T's, batch 2, taller than wide
-    ((1, 24, 24), (6, 24), (0, 0), 6, 10),   # EDT-S's, not shifted
-    ((1, 12, 12), (4, 6), (2, 3), 2, 16),    # 24 tokens: a window that is not a multiple of 16 queries
-    ((1, 15, 15), (3, 5), (1, 2), 1, 1),     # 15 tokens, head dim 1
-    ((1, 8, 8), (8, 8), (4, 4), 3, 7),       # a square window
+CASES = [  # (B, H, W), window, shift, heads, head dim, channels
+    ((1, 24, 48), (6, 24), (3, 12), 6, 15, 180),  # EDT-B's heads and width, shifted
+    ((2, 48, 24), (6, 24), (3, 12), 6, 5, 60),    # EDT-T's, batch 2, taller than wide
+    ((1, 24, 24), (6, 24), (0, 0), 6, 10, 120),   # EDT-S's, not shifted
+    ((1, 12, 12), (4, 6), (2, 3), 2, 16, 20),     # 24 tokens: a window that is not a multiple of 16 queries
+    ((1, 15, 15), (3, 5), (1, 2), 1, 1, 3),       # 15 tokens, head dim 1, 3 channels
+    ((1, 8, 8), (8, 8), (4, 4), 3, 7, 33),        # a square window, widths that are not multiples of 16
 ]
 
 
+def run_attention(fn, case, threads, gain=1.0, seed=0):
+    """The kernel ``fn`` and the reference (PyTorch's norm and product, then the reference attention) on a random
+    input and weights."""
+    shape, window, shift, heads, d, C = case
+    x, norm, wq, bq, lw, lb = cpu_kernel._attention_case(torch.Generator().manual_seed(seed), shape, C, heads, d,
+                                                         gain)
+    with torch.no_grad():
+        w = cpu_kernel.attention_weights(norm, *cpu_kernel.log2e_rows(wq, bq, heads, d), lw, lb)
+        out = cpu_kernel._call(fn, x, w, window, shift, heads, d, threads)
+        ref = cpu_kernel.reference_block_attention(x, norm, wq, bq, lw, lb, window, shift, heads, d)
+        unmasked = cpu_kernel.reference_block_attention(x, norm, wq, bq, lw, lb, window, (0, 0), heads, d)
+    return out, ref, unmasked
+
+
 @built
-@pytest.mark.parametrize("shape,window,shift,heads,d", CASES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[3]}x{c[4]}-C{c[5]}")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_equals_reference(shape, window, shift, heads, d, threads):
-    g = torch.Generator().manual_seed(sum(shape) + d)
-    qkv = torch.randn(*shape, 2, 3, heads, d, generator=g) * 0.7
-    lw, lb = torch.randn(2 * heads * d, 9, generator=g), torch.randn(2 * heads * d, generator=g)
-    fn = cpu_kernel.library().attention
-    out = cpu_kernel._call(fn, scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, threads)
-    ref = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, pad=d)
+def test_kernel_equals_reference(case, threads):
+    out, ref, _ = run_attention(cpu_kernel.library().attention, case, threads, seed=sum(case[0]) + case[4])
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= TOL
 
@@ -51,32 +53,29 @@ def test_kernel_equals_reference(shape, window, shift, heads, d, threads):
 def test_kernel_masks_across_shift_regions():
     """Peaked logits (large q and k): a token attending across a shift-region border would change the output by
     far more than the tolerance, so a wrong mask or label cannot pass."""
-    shape, window, shift, heads, d = (1, 12, 24), (6, 12), (3, 6), 2, 8
-    g = torch.Generator().manual_seed(1)
-    qkv = torch.randn(*shape, 2, 3, heads, d, generator=g) * 3
-    lw, lb = torch.zeros(2 * heads * d, 9), torch.zeros(2 * heads * d)
-    fn = cpu_kernel.library().attention
-    out = cpu_kernel._call(fn, scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, 1)
-    ref = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, pad=d)
-    unmasked = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, (0, 0), heads, d, lw, lb,
-                                                  pad=d)
+    case = ((1, 12, 24), (6, 12), (3, 6), 2, 8, 32)
+    out, ref, unmasked = run_attention(cpu_kernel.library().attention, case, 1, gain=3.0, seed=1)
     assert (out - ref).abs().max() <= TOL
     assert (unmasked - ref).abs().max() > 100 * TOL  # the test can tell
 
 
 @built
 def test_kernel_rejects_what_it_does_not_tile():
-    qkv = torch.zeros(1, 12, 12, 6 * 2 * 4)
+    x = torch.zeros(1, 12, 12, 16)
+    w = cpu_kernel.attention_weights(torch.nn.LayerNorm(16), torch.zeros(2 * 3 * 8, 16), torch.zeros(48),
+                                     torch.zeros(16, 9), torch.zeros(16))
     with pytest.raises(ValueError, match="does not fit window"):
-        cpu_kernel.window_attention(qkv, (1, 12, 12), (5, 12), (0, 0), 2, 4, torch.zeros(16, 9), torch.zeros(16))
+        cpu_kernel.block_attention(x, w, (5, 12), (0, 0), 2, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernel.block_attention(x, w, (6, 12), (0, 0), 2, 3)
 
 
 @built
 @pytest.mark.parametrize("make", [small_t, small_b], ids=["EDT-T", "EDT-B-like"])
 def test_model_with_the_kernel_equals_reference(make, monkeypatch):
     calls = []
-    real = cpu_kernel.window_attention
-    monkeypatch.setattr(cpu_kernel, "window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu_kernel.block_attention
+    monkeypatch.setattr(cpu_kernel, "block_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = sharpen(make(("sr-x2", "denoise-25"))).eval()
     g = torch.Generator().manual_seed(2)
     inputs = {"sr-x2": torch.rand(1, 3, 48, 72, generator=g), "denoise-25": torch.rand(1, 3, 96, 96, generator=g)}
@@ -140,7 +139,7 @@ def _writes_pi(n):
     return wrong
 
 
-ATTENTION_CHECK_OUT = 8 * 8 * 2 * 2 * 3  # the check's attention output: an 8x8 map, 2 branches, 2 heads of 3
+ATTENTION_CHECK_OUT = 2 * 8 * 8 * 2 * 2 * 3  # the check's attention output: 2 images of 8x8, 2 branches, 2 heads of 3
 FFN_CHECK_OUT = 2 * 5 * 11 * 12  # its FFN output: 2 images of 5x11, 12 channels
 
 
@@ -221,13 +220,9 @@ def test_kernel_without_avx512_equals_reference(march, tmp_path, monkeypatch):
                                                    for f in cpu_kernel.FLAGS))
     monkeypatch.setattr(cpu_kernel, "_state", {"lib": None, "error": None, "path": None})
     lib = cpu_kernel._load()  # builds, loads and checks both kernels against the reference (raises if off)
-    shape, window, shift, heads, d = (1, 24, 48), (6, 24), (3, 12), 6, 15
-    g = torch.Generator().manual_seed(5)
-    qkv = torch.randn(*shape, 2, 3, heads, d, generator=g)
-    lw, lb = torch.randn(2 * heads * d, 9, generator=g), torch.randn(2 * heads * d, generator=g)
-    out = cpu_kernel._call(lib.attention, scaled(qkv).reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, 2)
-    ref = kernels.reference_window_attention(qkv.reshape(*shape, -1), shape, window, shift, heads, d, lw, lb, pad=d)
+    out, ref, _ = run_attention(lib.attention, CASES[0], 2, seed=5)
     assert (out - ref).abs().max() <= TOL
+    g = torch.Generator().manual_seed(5)
     y, x, layers = cpu_kernel._ffn_case(g, (1, 9, 27), 60, 120)
     with torch.no_grad():
         out = cpu_kernel._call_ffn(lib.proj_ffn, y, x, cpu_kernel.ffn_weights(*layers), 2)

@@ -1,19 +1,26 @@
-/* Both branches of an EDT block's shifted window attention with LePE, for fp32 inference on the CPU.
+/* The first half of an EDT block for fp32 inference on the CPU: layer norm, the qkv projection and both branches
+   of the shifted window attention with LePE.
 
-   Built on first use by edtir/models/cpu_kernel.py (the system C compiler, -O3 -march=native -fopenmp) and called
-   through ctypes. It replaces what the eager fast path does between the qkv and proj products: the gather of the
-   rolled map into windows, q kT, the shift mask, softmax, the product with v, the LePE convolution and the
-   scatter back. It reads the qkv map as the projection writes it and writes proj's input in place.
+   Built on first use by edtir/models/cpu_kernel.py (the system C compiler, -O3 -march=native -fopenmp) with
+   cpu_ffn.c and called through ctypes. It replaces what the eager fast path does from the block's input to proj's
+   input: the norm, the qkv product, the gather of the rolled map into windows, q kT, the shift mask, softmax, the
+   product with v, the LePE convolution and the scatter back.
 
-   The work per (image, window, branch, head) is done 16 queries at a time, the 16 lanes of a vector running over
-   queries: the logits of the 16 queries against every key of the window are a column of vectors (144 of them for
-   a 6x24 window, 9 KiB, in L1), so the maximum, the exponentials, the sums and the product with v are all lane-wise:
-   no horizontal reduction anywhere, and the logits never go to memory outside L1.
+   The work goes by (image, window, branch): the window's pixels are read from the block's input, normalised and
+   projected to that branch's q, k and v in L2 (the qkv map, three times as wide as the input, never goes to
+   memory), then each head is done 16 queries at a time, the 16 lanes of a vector running over queries: the logits
+   of the 16 queries against every key of the window are a column of vectors (144 of them for a 6x24 window, 9
+   KiB, in L1), so the maximum, the exponentials, the sums and the product with v are all lane-wise: no horizontal
+   reduction anywhere, and the logits never leave L1. LePE runs over all heads' channels at once, and each pixel's
+   result is written once, where proj reads it.
 
    Layouts (float32, C-contiguous):
-     qkv: (B, H, W, 2, 3, heads, d)   per pixel [branch][q, k, v][head][d]; q multiplied by scale * log2(e)
+     x: (B, H, W, C)                  the block's input
+     qkv_p: (2, P, C, 64)             each branch's rows of the qkv weight, (3 heads d, C) as [q, k, v][head][d],
+                                      in panels of 64 (P = ceil(3 heads d / 64)); q's rows multiplied by the
+                                      attention scale and log2(e); qkv_b: (2, 3 heads d) likewise
      out: (B, H, W, 2, heads, d)      per pixel [branch][head][d]: what proj reads
-     lepe_w: (2, heads, d, 9), lepe_b: (2, heads, d): each branch's 3x3 kernel in its own window's frame
+     lepe_w: (2, 9, heads d), lepe_b: (2, heads d): each branch's 3x3 kernel in its own window's frame, tap-major
    The horizontal branch's windows are wh x ww, rolled by -(s0, s1) in a shifted block; the vertical branch's are
    ww x wh, rolled by -(s1, s0). Tokens are row-major inside a window of its own frame. The shift mask is Swin's
    (-100 between tokens from different regions of the rolled map), computed from positions. q comes multiplied by
@@ -29,24 +36,24 @@
 /* Swin's -100 between regions, in the base-2 units of the logits: -100 * log2(e) */
 #define MASK (-144.26950408889634f)
 
-/* Scratch of one thread, for windows of N tokens (NQ: N rounded up to the lanes) and head dim d. */
+/* Scratch of one thread, for windows of N tokens (NQ: N rounded up to the lanes), head dim d, hd = heads d. */
 typedef struct {
-    float *qT;    /* (d, NQ): queries, transposed */
-    float *k, *v; /* (N, d): keys and values, row-major */
-    float *oT;    /* (d, NQ): output, transposed */
-    v16 *s;       /* (N,): logits of 16 queries against each key */
-    float *img;   /* (A + 2) * (B + 2) + 2 * LANES: one channel of v in its window, zero border (LePE) */
-    float *acc;   /* the same size: LePE's sums */
     int64_t *pos; /* (N,): pixel of each token */
     float *lab;   /* (NQ,): shift-region label of each token */
+    float *xn;    /* (N, C): the window's pixels, normalised */
+    float *qkv;   /* (N, 3 hd): the branch's q, k and v */
+    float *qT;    /* (d, NQ): one head's queries, transposed */
+    float *oT;    /* (d, NQ): its output, transposed */
+    v16 *s;       /* (N,): logits of 16 queries against each key */
+    float *img;   /* (A + 2, B + 2, hd): v in its window with a zero border, for LePE (one per branch) */
+    float *tile;  /* (N, hd): the window's output, as it goes to out */
 } Scratch;
 
-/* Window (wr, wc) of one branch, head h: q, k, v into the scratch, token t = a * B + b (loops, not divisions);
-   returns whether the window mixes shift regions (then it takes the mask). */
-static int gather(const float *restrict qkv, int64_t pix0, int H, int W, int wr, int wc, int A, int B, int sr, int sc,
-                  int shifted, int64_t base, int heads, int D, Scratch *S) {
+/* The pixels of window (wr, wc) of a branch, token t = a * B + b (loops, not divisions), and their shift-region
+   labels; returns whether the window mixes regions (then it takes the mask). */
+static int window_tokens(int64_t pix0, int H, int W, int wr, int wc, int A, int B, int sr, int sc, int shifted,
+                         Scratch *S) {
     const int N = A * B, NQ = (N + LANES - 1) / LANES * LANES;
-    const int64_t TW = 6 * (int64_t)heads * D;
     int mixed = 0;
     for (int a = 0, t = 0; a < A; a++) {
         const int i = wr * A + a; /* row in the rolled map */
@@ -59,24 +66,17 @@ static int gather(const float *restrict qkv, int64_t pix0, int H, int W, int wr,
             const int label = shifted ? row_label + (j >= W - B) + (j >= W - sc) : 0;
             S->lab[t] = (float)label;
             mixed |= label != (int)S->lab[0];
-            const float *row = qkv + S->pos[t] * TW + base;
-            for (int c = 0; c < D; c++) {
-                S->qT[c * NQ + t] = row[c];
-                S->k[t * D + c] = row[heads * D + c];
-                S->v[t * D + c] = row[2 * heads * D + c];
-            }
         }
     }
-    for (int t = N; t < NQ; t++) {
-        S->lab[t] = 0.0f;
-        for (int c = 0; c < D; c++) S->qT[c * NQ + t] = 0.0f;
-    }
+    for (int t = N; t < NQ; t++) S->lab[t] = 0.0f;
     return mixed;
 }
 
-/* softmax(q kT + mask) v for the gathered window, into oT. D is a constant where this is inlined (one copy per head
-   dim), so the loops over it unroll and the 2 D vectors of q and of the output stay in registers. */
-static inline __attribute__((always_inline)) void softmax_v(int N, int mixed, const int D, Scratch *S) {
+/* softmax(q kT + mask) v for one head of the window: q from qT, key j's k and v at k + j * ks and v + j * ks; into
+   oT. D is a constant where this is inlined (one copy per head dim), so the loops over it unroll and the 2 D
+   vectors of q and of the output stay in registers. */
+static inline __attribute__((always_inline)) void softmax_v(int N, int mixed, const int D, const float *k,
+                                                            const float *v, int ks, Scratch *S) {
     const int NQ = (N + LANES - 1) / LANES * LANES;
     for (int q0 = 0; q0 < NQ; q0 += LANES) {
         v16 q[16], o[16]; /* D of each used */
@@ -84,7 +84,7 @@ static inline __attribute__((always_inline)) void softmax_v(int N, int mixed, co
         const v16 lab_q = vload(S->lab + q0);
         v16 m = splat(-INFINITY);
         for (int j = 0; j < N; j++) { /* logits: 16 queries against key j */
-            const float *kj = S->k + j * D;
+            const float *kj = k + (int64_t)j * ks;
             v16 s = q[0] * kj[0];
             for (int c = 1; c < D; c++) s += q[c] * kj[c];
             if (mixed) s += (v16)((v16i)splat(MASK) & (lab_q != splat(S->lab[j])));
@@ -96,7 +96,7 @@ static inline __attribute__((always_inline)) void softmax_v(int N, int mixed, co
         for (int j = 0; j < N; j++) { /* softmax numerators, their sum and the product with v */
             v16 p = vexp2(S->s[j] - m);
             l += p;
-            const float *vj = S->v + j * D;
+            const float *vj = v + (int64_t)j * ks;
             for (int c = 0; c < D; c++) o[c] += p * vj[c];
         }
         v16 inv = splat(1.0f) / l;
@@ -104,10 +104,10 @@ static inline __attribute__((always_inline)) void softmax_v(int N, int mixed, co
     }
 }
 
-static void softmax_v_any(int N, int mixed, int D, Scratch *S) {
+static void softmax_v_any(int N, int mixed, int D, const float *k, const float *v, int ks, Scratch *S) {
 #define CASE(DD)                                                                                               \
     case DD:                                                                                                   \
-        softmax_v(N, mixed, DD, S);                                                                            \
+        softmax_v(N, mixed, DD, k, v, ks, S);                                                                  \
         break;
     switch (D) {
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
@@ -116,47 +116,45 @@ static void softmax_v_any(int N, int mixed, int D, Scratch *S) {
 #undef CASE
 }
 
-/* LePE added to oT, then oT written to the output rows of the window's tokens. LePE is a 3x3 depthwise conv on v
-   inside the window, zeros beyond its border: over the window's channel image with a zero border (row stride
-   B + 2) every output position is one flat index p and its taps are p plus a constant, so the sum over the taps
-   is 9 contiguous, vectorisable loops over p. */
-static void lepe_store(float *restrict out, const float *restrict wk, const float *restrict bk, int A, int B,
-                       int64_t col, int64_t OW, int D, Scratch *S) {
-    const int N = A * B, NQ = (N + LANES - 1) / LANES * LANES, R = B + 2, P = A * R;
-    memset(S->img, 0, sizeof(float) * ((A + 2) * R + 2 * LANES));
-    for (int c = 0; c < D; c++) {
+/* LePE for the window, all heads at once: tile[t] = bias + the 3x3 depthwise conv of v inside the window (zeros
+   beyond its border), vectorised over the hd channels; the attention's output is added to it after. */
+static void lepe(const float *restrict wk, const float *restrict bk, int A, int B, int hd, Scratch *S) {
+    const int R = B + 2, ks = 3 * hd;
+    for (int a = 0; a < A; a++) /* v into the image's interior (its border stays zero) */
+        for (int b = 0; b < B; b++)
+            memcpy(S->img + ((int64_t)(a + 1) * R + b + 1) * hd, S->qkv + (int64_t)(a * B + b) * ks + 2 * hd,
+                   sizeof(float) * hd);
+    for (int c = 0; c < hd; c += LANES) {
+        const int n = hd - c < LANES ? hd - c : LANES;
+        v16 w[9];
+        for (int i = 0; i < 9; i++) w[i] = vload_n(wk + i * hd + c, n);
+        const v16 bv = vload_n(bk + c, n);
         for (int a = 0; a < A; a++)
-            for (int b = 0; b < B; b++) S->img[(a + 1) * R + b + 1] = S->v[(a * B + b) * D + c];
-        const float *w9 = wk + c * 9;
-        for (int p = 0; p < P; p++) S->acc[p] = bk[c];
-        for (int di = 0; di < 3; di++)
-            for (int dj = 0; dj < 3; dj++) {
-                const float w = w9[di * 3 + dj], *src = S->img + di * R + dj;
-                for (int p = 0; p < P; p++) S->acc[p] += w * src[p];
+            for (int b = 0; b < B; b++) {
+                v16 acc = bv;
+                for (int di = 0; di < 3; di++)
+                    for (int dj = 0; dj < 3; dj++)
+                        acc += w[di * 3 + dj] * vload_n(S->img + ((int64_t)(a + di) * R + b + dj) * hd + c, n);
+                vstore_n(S->tile + (int64_t)(a * B + b) * hd + c, acc, n);
             }
-        float *oc = S->oT + c * NQ;
-        for (int a = 0; a < A; a++)
-            for (int b = 0; b < B; b++) oc[a * B + b] += S->acc[a * R + b];
-    }
-    for (int t = 0; t < N; t++) {
-        float *dst = out + S->pos[t] * OW + col;
-        for (int c = 0; c < D; c++) dst[c] = S->oT[c * NQ + t];
     }
 }
 
 /* Returns 0, or -1 for a head dim it does not handle (over 16), a map the windows do not tile, or scratch it
    could not allocate. */
-int edt_window_attention(const float *qkv, float *out, const float *lepe_w, const float *lepe_b, int batch, int H,
-                         int W, int wh, int ww, int s0, int s1, int heads, int d, int threads) {
-    if (d < 1 || d > 16 || H % wh || W % ww || H % ww || W % wh || threads < 1) return -1;
-    const int N = wh * ww, NQ = (N + LANES - 1) / LANES * LANES;
+int edt_block_attention(const float *x, float *out, const float *ln_g, const float *ln_b, float eps,
+                        const float *qkv_p, const float *qkv_b, const float *lepe_w, const float *lepe_b, int batch,
+                        int H, int W, int C, int wh, int ww, int s0, int s1, int heads, int d, int threads) {
+    if (d < 1 || d > 16 || H % wh || W % ww || H % ww || W % wh || threads < 1 || C < 1 || heads < 1) return -1;
+    const int N = wh * ww, NQ = (N + LANES - 1) / LANES * LANES, hd = heads * d;
+    const int P = (3 * hd + 63) / 64; /* weight panels per branch */
     const int nwin = (H / wh) * (W / ww); /* per image and branch: the same for both */
-    const int64_t tasks = (int64_t)batch * nwin * 2 * heads;
+    const int64_t tasks = (int64_t)batch * nwin * 2;
     const int shifted = s0 != 0 || s1 != 0;
-    const int side = (wh > ww ? wh : ww) + 2;
+    const size_t img = (size_t)(wh + 2) * (ww + 2) * hd; /* either branch's window, with its border */
     /* every thread's scratch, allocated before the parallel region: no thread can fail inside it */
-    const size_t img = (size_t)side * side + 2 * LANES;
-    const size_t floats = ((size_t)d * NQ * 2 + (size_t)N * d * 2 + NQ + 2 * img + 15) / 16 * 16;
+    const size_t floats = ((size_t)NQ + (size_t)N * C + (size_t)N * 3 * hd + 2 * (size_t)d * NQ + 2 * img +
+                           (size_t)N * hd + 15) / 16 * 16;
     float *fbuf = aligned_alloc(64, sizeof(float) * floats * threads);
     v16 *sbuf = aligned_alloc(64, sizeof(v16) * (size_t)N * threads);
     int64_t *pbuf = malloc(sizeof(int64_t) * (size_t)N * threads);
@@ -173,27 +171,41 @@ int edt_window_attention(const float *qkv, float *out, const float *lepe_w, cons
         id = omp_get_thread_num();
 #endif
         Scratch S;
-        S.qT = fbuf + floats * id;
+        S.lab = fbuf + floats * id;
+        S.xn = S.lab + NQ;
+        S.qkv = S.xn + (size_t)N * C;
+        S.qT = S.qkv + (size_t)N * 3 * hd;
         S.oT = S.qT + (size_t)d * NQ;
-        S.k = S.oT + (size_t)d * NQ;
-        S.v = S.k + (size_t)N * d;
-        S.lab = S.v + (size_t)N * d;
-        S.img = S.lab + NQ;
-        S.acc = S.img + img;
+        float *imgs = S.oT + (size_t)d * NQ; /* the branches' images, their borders zero for good */
+        memset(imgs, 0, sizeof(float) * 2 * img);
+        S.tile = imgs + 2 * img;
         S.s = sbuf + (size_t)N * id;
         S.pos = pbuf + (size_t)N * id;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
-            int h = (int)(task % heads), br = (int)(task / heads % 2);
-            int64_t rest = task / (2 * heads);
-            int w = (int)(rest % nwin), image = (int)(rest / nwin);
-            int A = br ? ww : wh, B = br ? wh : ww, sr = br ? s1 : s0, sc = br ? s0 : s1;
-            int ncol = W / B;
-            const int64_t col = ((int64_t)br * heads + h) * d; /* the head's first channel in out, lepe_w, lepe_b */
-            int mixed = gather(qkv, (int64_t)image * H * W, H, W, w / ncol, w % ncol, A, B, sr, sc, shifted,
-                               (int64_t)br * 3 * heads * d + (int64_t)h * d, heads, d, &S);
-            softmax_v_any(A * B, mixed, d, &S);
-            lepe_store(out, lepe_w + col * 9, lepe_b + col, A, B, col, 2 * (int64_t)heads * d, d, &S);
+            const int br = (int)(task % 2);
+            const int64_t rest = task / 2;
+            const int w = (int)(rest % nwin), image = (int)(rest / nwin);
+            const int A = br ? ww : wh, B = br ? wh : ww, sr = br ? s1 : s0, sc = br ? s0 : s1;
+            const int ncol = W / B;
+            S.img = imgs + br * img;
+            const int mixed = window_tokens((int64_t)image * H * W, H, W, w / ncol, w % ncol, A, B, sr, sc, shifted,
+                                            &S);
+            for (int t = 0; t < N; t++) edt_layer_norm(x + S.pos[t] * C, 1, C, ln_g, ln_b, eps, S.xn + (int64_t)t * C);
+            edt_product(S.xn, N, C, qkv_p + (int64_t)br * P * C * 64, 3 * hd, qkv_b + (int64_t)br * 3 * hd, NULL,
+                        S.qkv, 0);
+            lepe(lepe_w + (int64_t)br * 9 * hd, lepe_b + (int64_t)br * hd, A, B, hd, &S);
+            for (int h = 0; h < heads; h++) {
+                for (int c = 0; c < d; c++) {
+                    for (int t = 0; t < N; t++) S.qT[c * NQ + t] = S.qkv[(int64_t)t * 3 * hd + h * d + c];
+                    for (int t = N; t < NQ; t++) S.qT[c * NQ + t] = 0.0f;
+                }
+                softmax_v_any(N, mixed, d, S.qkv + hd + h * d, S.qkv + 2 * hd + h * d, 3 * hd, &S);
+                for (int t = 0; t < N; t++)
+                    for (int c = 0; c < d; c++) S.tile[(int64_t)t * hd + h * d + c] += S.oT[c * NQ + t];
+            }
+            for (int t = 0; t < N; t++)
+                memcpy(out + S.pos[t] * 2 * hd + br * hd, S.tile + (int64_t)t * hd, sizeof(float) * hd);
         }
     }
     free(fbuf);

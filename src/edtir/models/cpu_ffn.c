@@ -27,42 +27,6 @@
 #define PANEL (NV * LANES)
 #define MR 6              /* rows per tile */
 
-/* A vector of the first n (1..16) floats at p, zeros after; and its store. */
-static inline v16 vload_n(const float *p, int n) {
-    if (n == LANES) return vload(p);
-#ifdef __AVX512F__
-    return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
-#else
-    float t[LANES] = {0};
-    memcpy(t, p, sizeof(float) * n);
-    return vload(t);
-#endif
-}
-
-static inline void vstore_n(float *p, v16 v, int n) {
-    if (n == LANES) {
-        vstore(p, v);
-        return;
-    }
-#ifdef __AVX512F__
-    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
-#else
-    float t[LANES];
-    vstore(t, v);
-    memcpy(p, t, sizeof(float) * n);
-#endif
-}
-
-/* 1 / a: AVX-512's 14-bit estimate and one Newton step (about 1e-8 relative), elsewhere a division. */
-static inline v16 vrcp(v16 a) {
-#ifdef __AVX512F__
-    v16 r = (v16)_mm512_rcp14_ps((__m512)a);
-    return r * (splat(2.0f) - a * r);
-#else
-    return splat(1.0f) / a;
-#endif
-}
-
 /* GELU(x) = x Phi(x) with erf, as PyTorch's default (not the tanh form). erfc(z) = poly(t) e^(-z^2) with
    t = 1 / (1 + p z) (Abramowitz and Stegun 7.1.26, |error| <= 1.5e-7), z = |x| / sqrt(2); then
    GELU(x) = x - x erfc(z) / 2 for x >= 0 and x erfc(z) / 2 below zero (no cancellation on the negative side). */
@@ -109,8 +73,8 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
 
 /* y = x wT + b (GELU'd, or plus res) for M rows, one thread: panel by panel, so a panel (K x 64) stays in L1
    while the rows (in L2) go past it. */
-static void product(const float *x, int64_t M, int K, const float *wp, int N, const float *b, const float *res,
-                    float *y, int gelu) {
+void edt_product(const float *x, int64_t M, int K, const float *wp, int N, const float *b, const float *res,
+                 float *y, int gelu) {
     const int P = (N + PANEL - 1) / PANEL;
     for (int p = 0; p < P; p++) {
         const float *w = wp + (int64_t)p * K * PANEL;
@@ -125,21 +89,10 @@ static void product(const float *x, int64_t M, int K, const float *wp, int N, co
     }
 }
 
-static inline float hsum(v16 v) {
-#ifdef __AVX512F__
-    return _mm512_reduce_add_ps((__m512)v);
-#else
-    float t[LANES], s = 0.0f;
-    vstore(t, v);
-    for (int i = 0; i < LANES; i++) s += t[i];
-    return s;
-#endif
-}
-
 /* PyTorch's layer norm over the C channels of each of n pixels: (x - mean) / sqrt(var + eps) * g + beta, the
    variance from the deviations (two passes over a pixel's channels, in L1). */
-static void layer_norm(const float *restrict x, int64_t n, int C, const float *restrict g,
-                       const float *restrict beta, float eps, float *restrict out) {
+void edt_layer_norm(const float *restrict x, int64_t n, int C, const float *restrict g, const float *restrict beta,
+                    float eps, float *restrict out) {
     const int tail = C % LANES ? C % LANES : LANES, last = C - tail; /* the last vector holds tail channels */
     v16 keep; /* 1 in the last vector's lanes that hold channels, 0 beyond */
     for (int i = 0; i < LANES; i++) keep[i] = i < tail ? 1.0f : 0.0f;
@@ -232,9 +185,9 @@ int edt_proj_ffn(const float *y, const float *x, float *out, int batch, int H, i
             for (int r = r0; r < r1; r++) {
                 for (; next <= r + 2 && next < H; next++) {
                     float *mid = mids + (next % 5) * RC;
-                    product(y + at + next * RC, W, C, proj_p, C, proj_b, x + at + next * RC, mid, 0);
-                    layer_norm(mid, W, C, ln_g, ln_b, eps, xn);
-                    product(xn, W, C, fc1_p, hidden, fc1_b, NULL, ring + (next % 5) * RW + 2 * hidden, 1);
+                    edt_product(y + at + next * RC, W, C, proj_p, C, proj_b, x + at + next * RC, mid, 0);
+                    edt_layer_norm(mid, W, C, ln_g, ln_b, eps, xn);
+                    edt_product(xn, W, C, fc1_p, hidden, fc1_b, NULL, ring + (next % 5) * RW + 2 * hidden, 1);
                 }
                 const float *rows[5];
                 for (int dy = 0; dy < 5; dy++) {
@@ -242,7 +195,7 @@ int edt_proj_ffn(const float *y, const float *x, float *out, int batch, int H, i
                     rows[dy] = i < 0 || i >= H ? NULL : ring + (i % 5) * RW;
                 }
                 dwconv_row(rows, W, hidden, dw_w, dw_b, h);
-                product(h, W, hidden, fc2_p, C, fc2_b, mids + (r % 5) * RC, out + at + r * RC, 0);
+                edt_product(h, W, hidden, fc2_p, C, fc2_b, mids + (r % 5) * RC, out + at + r * RC, 0);
             }
         }
     }

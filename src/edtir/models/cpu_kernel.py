@@ -1,14 +1,15 @@
-"""An EDT block for fp32 inference on the CPU as two C kernels: the window attention (``cpu_attention.c``) and
-``proj`` with the FFN (``cpu_ffn.c``), built into one library.
+"""An EDT block for fp32 inference on the CPU as two C kernels, built into one library: the norm, the qkv product and
+the window attention (``cpu_attention.c``), then ``proj`` with the FFN (``cpu_ffn.c``).
 
 On a 2-core VM the eager fast path spent most of an EDT-T pass, and a third of an EDT-B one, in the attention:
 batched products of 144 x 144 logits, softmax passes over them and the gathers around them
-(docs/performance.md). The attention kernel does one (window, branch, head) at a time with the logits in L1, 16
-queries per vector so that softmax needs no horizontal reduction, reads q, k and v straight from the qkv
-projection's map (roll, window partition and shift mask are index arithmetic) and writes ``proj``'s input with
-LePE added. After it, the products ran at the pace of memory, not of the arithmetic: EDT-T's maps are 17 MB at
-264x264 (fc1's output 33 MB) and each op of the FFN read and wrote one. The second kernel takes ``proj``, its
-residual add and the whole FFN row by row, with the rows in flight (five, for the 5x5 depthwise conv) in L2.
+(docs/performance.md). The attention kernel does one (window, branch) at a time: it reads the window's pixels
+from the block's input (roll, window partition and shift mask are index arithmetic), normalises them and projects
+them to q, k and v in L2, then takes each head with the logits in L1, 16 queries per vector so that softmax needs
+no horizontal reduction, and writes ``proj``'s input with LePE added. The products had run at the pace of memory,
+not of the arithmetic: EDT-T's maps are 17 MB at 264x264 (qkv's 50 MB, fc1's output 33 MB) and each op read and
+wrote one. The second kernel takes ``proj``, its residual add and the whole FFN row by row, with the rows in
+flight (five, for the 5x5 depthwise conv) in L2.
 
 No build step at install: on first use the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) builds
 it with ``-O3 -march=native -fopenmp`` into the cache (``$EDTIR_CACHE_DIR``, else ``$XDG_CACHE_HOME/edtir``,
@@ -114,9 +115,9 @@ def _load() -> Kernels:
     path = _build()
     lib = ctypes.CDLL(str(path))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    attention = lib.edt_window_attention
+    attention = lib.edt_block_attention
     attention.restype = i32
-    attention.argtypes = [ptr] * 4 + [i32] * 10
+    attention.argtypes = [ptr] * 4 + [ctypes.c_float] + [ptr] * 4 + [i32] * 11
     ffn = lib.edt_proj_ffn
     ffn.restype = i32
     ffn.argtypes = [ptr] * 3 + [i32] * 4 + [ptr] * 4 + [ctypes.c_float] + [ptr] * 2 + [i32] + [ptr] * 4 + [i32]
@@ -151,41 +152,100 @@ def serves(x: torch.Tensor, head_dim: int) -> bool:
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and library() is not None)
 
 
-def _call(fn, qkv, shape, window, shift, heads, head_dim, lepe_weight, lepe_bias, threads) -> torch.Tensor:
-    B, H, W = shape
-    wh, ww = window
-    if qkv.shape[-1] != 6 * heads * head_dim or H % wh or W % ww or H % ww or W % wh:
-        raise ValueError(f"window_attention: qkv {tuple(qkv.shape)} or map {H}x{W} does not fit window {window}")
-    qkv = qkv.contiguous()
-    lepe_weight, lepe_bias = lepe_weight.float().contiguous(), lepe_bias.float().contiguous()
-    out = qkv.new_empty(B, H, W, 2 * heads * head_dim)
-    rc = fn(qkv.data_ptr(), out.data_ptr(), lepe_weight.data_ptr(), lepe_bias.data_ptr(), B, H, W, wh, ww,
-            shift[0], shift[1], heads, head_dim, threads)
-    if rc != 0:
-        raise RuntimeError("edt_window_attention failed (out of memory?)")
-    return out
-
-
-def window_attention(qkv: torch.Tensor, shape, window: tuple[int, int], shift: tuple[int, int], heads: int,
-                     head_dim: int, lepe_weight: torch.Tensor, lepe_bias: torch.Tensor) -> torch.Tensor:
-    """Both branches of an EDT block's attention with LePE: (B, H, W, 2 * 3 * heads * head_dim) qkv, per pixel
-    [branch][q, k, v][head][dim] with q multiplied by the attention scale and :data:`LOG2E` (see
-    :meth:`edt.EDTBlock.qkv_weight`) -> (B, H, W, 2 * heads * head_dim), [horizontal | vertical] as ``proj`` reads
-    it. ``window`` is the horizontal branch's (the vertical one is its transpose), ``shift`` its roll ((0, 0) when
-    not shifted); ``lepe_weight`` (2 * heads * head_dim, 9) holds both branches' 3x3 kernels, each in its own
-    window's frame (:func:`kernels.lepe_weights`)."""
-    return _call(library().attention, qkv, shape, window, shift, heads, head_dim, lepe_weight, lepe_bias,
-                 torch.get_num_threads())
-
-
-#: the column width of the FFN kernel's packed weights (4 vectors of 16)
+#: the column width of the kernels' packed weights (4 vectors of 16)
 PANEL = 64
 
 
 def panels(weight: torch.Tensor) -> torch.Tensor:
-    """A linear layer's weight (N, K) as the FFN kernel reads it: (ceil(N / 64), K, 64), zero rows beyond N."""
+    """A linear layer's weight (N, K) as the kernels read it: (ceil(N / 64), K, 64), zero rows beyond N."""
     n, k = weight.shape
     return F.pad(weight.float(), (0, 0, 0, -n % PANEL)).view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+class AttentionWeights(NamedTuple):
+    """What :func:`block_attention` reads, packed once per block (:func:`attention_weights`)."""
+    norm: torch.Tensor
+    norm_bias: torch.Tensor
+    eps: float
+    qkv: torch.Tensor  # (2, P, C, 64): each branch's rows in panels
+    qkv_bias: torch.Tensor  # (2, 3 heads d)
+    lepe: torch.Tensor  # (2, 9, heads d): tap-major
+    lepe_bias: torch.Tensor  # (2, heads d)
+
+
+def attention_weights(norm, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, lepe_weight: torch.Tensor,
+                      lepe_bias: torch.Tensor) -> AttentionWeights:
+    """``norm`` (``nn.LayerNorm``); the qkv weight (2 * 3 * heads * d, C) and bias with rows [branch][q, k, v][head]
+    [d] and q's rows multiplied by the attention scale and :data:`LOG2E` (:meth:`edt.EDTBlock.qkv_weight`); LePE's
+    3x3 kernels (2 * heads * d, 9) and biases, each branch's in its own window's frame
+    (:func:`kernels.lepe_weights`)."""
+    hd = lepe_bias.shape[0] // 2
+    f = [t.detach().float().contiguous() for t in (norm.weight, norm.bias, qkv_bias, lepe_bias)]
+    return AttentionWeights(f[0], f[1], float(norm.eps),
+                            torch.stack([panels(w) for w in qkv_weight.detach().split(3 * hd)]),
+                            f[2].view(2, 3 * hd), lepe_weight.detach().float().reshape(2, hd, 9).transpose(1, 2)
+                            .contiguous(), f[3].view(2, hd))
+
+
+def _call(fn, x: torch.Tensor, w: AttentionWeights, window, shift, heads: int, head_dim: int,
+          threads: int) -> torch.Tensor:
+    B, H, W, C = x.shape
+    wh, ww = window
+    hd = heads * head_dim
+    if H % wh or W % ww or H % ww or W % wh:
+        raise ValueError(f"block_attention: map {H}x{W} does not fit window {window}")
+    if w.qkv.shape[2] != C or w.qkv_bias.shape != (2, 3 * hd) or w.lepe.shape != (2, 9, hd):
+        raise ValueError(f"block_attention: the weights do not fit {C} channels, {heads} heads of {head_dim}")
+    x = x.contiguous()
+    out = x.new_empty(B, H, W, 2 * hd)
+    rc = fn(x.data_ptr(), out.data_ptr(), w.norm.data_ptr(), w.norm_bias.data_ptr(), w.eps, w.qkv.data_ptr(),
+            w.qkv_bias.data_ptr(), w.lepe.data_ptr(), w.lepe_bias.data_ptr(), B, H, W, C, wh, ww, shift[0],
+            shift[1], heads, head_dim, threads)
+    if rc != 0:
+        raise RuntimeError("edt_block_attention failed (out of memory?)")
+    return out
+
+
+def block_attention(x: torch.Tensor, weights: AttentionWeights, window: tuple[int, int], shift: tuple[int, int],
+                    heads: int, head_dim: int) -> torch.Tensor:
+    """An EDT block's first half up to ``proj``: the norm, the qkv product and both branches' attention with LePE.
+    x (B, H, W, C) -> (B, H, W, 2 * heads * head_dim), [horizontal | vertical] as ``proj`` reads it. ``window`` is
+    the horizontal branch's (the vertical one is its transpose), ``shift`` its roll ((0, 0) when not shifted)."""
+    return _call(library().attention, x, weights, window, shift, heads, head_dim, torch.get_num_threads())
+
+
+def reference_block_attention(x, norm, qkv_weight, qkv_bias, lepe_weight, lepe_bias, window, shift, heads,
+                              head_dim) -> torch.Tensor:
+    """The same from PyTorch's norm and product and the reference attention (q's rows *not* multiplied by
+    :data:`LOG2E`: its softmax is e^x)."""
+    from .kernels import reference_window_attention
+
+    B, H, W, _ = x.shape
+    qkv = F.linear(norm(x), qkv_weight, qkv_bias)
+    return reference_window_attention(qkv, (B, H, W), window, shift, heads, head_dim, lepe_weight, lepe_bias,
+                                      pad=head_dim)
+
+
+def log2e_rows(qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, heads: int, head_dim: int):
+    """The qkv weight and bias with q's rows multiplied by :data:`LOG2E`, as the kernel takes them."""
+    f = torch.ones(2, 3, heads * head_dim)
+    f[:, 0] = LOG2E
+    f = f.flatten()
+    return qkv_weight * f[:, None], qkv_bias * f
+
+
+def _attention_case(gen, shape, C, heads, head_dim, gain=1.0):
+    """A random input, norm, qkv weight and bias (q not scaled) and LePE weights for checking the attention
+    kernel."""
+    with torch.random.fork_rng(devices=[]):
+        norm = torch.nn.LayerNorm(C)
+    hd = heads * head_dim
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(C, generator=gen))
+        norm.bias.copy_(0.2 * torch.randn(C, generator=gen))
+    wq = torch.randn(6 * hd, C, generator=gen) * gain / math.sqrt(C)
+    return (torch.randn(*shape, C, generator=gen) * 2 + 1, norm, wq, torch.randn(6 * hd, generator=gen) * 0.3,
+            torch.randn(2 * hd, 9, generator=gen) * 0.3, torch.randn(2 * hd, generator=gen) * 0.3)
 
 
 class FFNWeights(NamedTuple):
@@ -243,22 +303,17 @@ def reference_proj_ffn(y: torch.Tensor, x: torch.Tensor, proj, norm, fc1, dwconv
 
 
 def _check(lib: Kernels) -> None:
-    """The kernels against the reference formulations on small maps (the attention: both branches, shifted and not;
-    the FFN: widths that are not multiples of 16, a row that is not a multiple of 8 pixels, two images): a compiler
-    that miscompiles them must not change a user's output."""
-    from .kernels import reference_window_attention
-
-    fn = lib.attention
+    """The kernels against the reference formulations on small maps (the attention: both branches, shifted and not,
+    two images; the FFN: widths that are not multiples of 16, a row that is not a multiple of 8 pixels, two
+    images): a compiler that miscompiles them must not change a user's output."""
     gen = torch.Generator().manual_seed(0)
-    heads, d, window, (B, H, W) = 2, 3, (2, 4), (1, 8, 8)
-    qkv = torch.randn(B, H, W, 2, 3, heads, d, generator=gen)
-    lw, lb = torch.randn(2 * heads * d, 9, generator=gen), torch.randn(2 * heads * d, generator=gen)
+    heads, d, window, shape = 2, 3, (2, 4), (2, 8, 8)
+    x, norm, wq, bq, lw, lb = _attention_case(gen, shape, 10, heads, d)
+    weights = attention_weights(norm, *log2e_rows(wq, bq, heads, d), lw, lb)
     for shift in ((0, 0), (1, 2)):
-        out = _call(fn, qkv.reshape(B, H, W, -1), (B, H, W), window, shift, heads, d, lw, lb, 2)
-        ref_qkv = qkv.clone()
-        ref_qkv[..., 0, :, :] *= 1.0 / LOG2E  # the reference's softmax is e^x
-        ref = reference_window_attention(ref_qkv.reshape(B, H, W, -1), (B, H, W), window, shift, heads, d, lw, lb,
-                                         pad=d)
+        with torch.no_grad():
+            out = _call(lib.attention, x, weights, window, shift, heads, d, 2)
+            ref = reference_block_attention(x, norm, wq, bq, lw, lb, window, shift, heads, d)
         err = (out - ref).abs().max().item()
         if not err <= 1e-4:
             raise RuntimeError(f"the built attention kernel is off by {err:.3g} from the reference")

@@ -71,4 +71,62 @@ static inline v16 vabs(v16 a) { return (v16)((v16i)a & ~(v16i)splat(-0.0f)); }
 /* lane-wise m ? a : b, m a comparison's result (all bits set or none) */
 static inline v16 vselect(v16i m, v16 a, v16 b) { return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
 
+/* A vector of the first n (1..16) floats at p, zeros after; and its store. */
+static inline v16 vload_n(const float *p, int n) {
+    if (n == LANES) return vload(p);
+#ifdef __AVX512F__
+    return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+#else
+    float t[LANES] = {0};
+    memcpy(t, p, sizeof(float) * n);
+    return vload(t);
+#endif
+}
+
+static inline void vstore_n(float *p, v16 v, int n) {
+    if (n == LANES) {
+        vstore(p, v);
+        return;
+    }
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+#else
+    float t[LANES];
+    vstore(t, v);
+    memcpy(p, t, sizeof(float) * n);
+#endif
+}
+
+/* 1 / a: AVX-512's 14-bit estimate and one Newton step (about 1e-8 relative), elsewhere a division. */
+static inline v16 vrcp(v16 a) {
+#ifdef __AVX512F__
+    v16 r = (v16)_mm512_rcp14_ps((__m512)a);
+    return r * (splat(2.0f) - a * r);
+#else
+    return splat(1.0f) / a;
+#endif
+}
+
+static inline float hsum(v16 v) {
+#ifdef __AVX512F__
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float t[LANES], s = 0.0f;
+    vstore(t, v);
+    for (int i = 0; i < LANES; i++) s += t[i];
+    return s;
+#endif
+}
+
+/* Shared by the kernels, defined in cpu_ffn.c. */
+
+/* y = x wT + b, then GELU (gelu) or + res (res not NULL), for M rows of x (K floats each), one thread; the weight
+   (N, K) in panels of 64 columns, (ceil(N / 64), K, 64) with zeros beyond N; y and res have rows of N floats. */
+__attribute__((visibility("hidden"))) void edt_product(const float *x, int64_t M, int K, const float *wp, int N,
+                                                       const float *b, const float *res, float *y, int gelu);
+
+/* PyTorch's layer norm over the C floats of each of n rows. */
+__attribute__((visibility("hidden"))) void edt_layer_norm(const float *x, int64_t n, int C, const float *g,
+                                                          const float *beta, float eps, float *out);
+
 #endif

@@ -812,22 +812,20 @@ class EDTBlock(nn.Module):
         return self.mlp(self.norm2(x), residual=x)
 
     def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        """The fast path for fp32 inference on the CPU with the C kernels of :mod:`cpu_kernel`: the attention of both
-        branches, shift mask and LePE included, from the qkv map straight to ``proj``'s input (no gather, scatter,
-        mask tensor or logits in memory); then ``proj``, the FFN and both residual adds in one pass over the rows."""
-        B, H, W, C = x.shape
+        """The fast path for fp32 inference on the CPU with the C kernels of :mod:`cpu_kernel`: the norm, the qkv
+        product and both branches' attention (shift mask and LePE included) window by window, from the block's input
+        to ``proj``'s input (no qkv map, gather, scatter, mask tensor or logits in memory); then ``proj``, the FFN
+        and both residual adds in one pass over the rows."""
         a = self.attns[0]
-        wq, bq, lw, lb, ffn = self.cached_weights("cpu", self._cpu_weights)
-        qkv = linear(self.qkv, self.norm1(x), weight=wq, bias=bq)  # (B, H, W, [branch, q/k/v, head, dim])
-        y = cpu_kernel.window_attention(qkv, (B, H, W), a.window, self.shift_h, a.heads, a.head_dim, lw, lb)
+        attention, ffn = self.cached_weights("cpu", self._cpu_weights)
+        y = cpu_kernel.block_attention(x, attention, a.window, self.shift_h, a.heads, a.head_dim)
         return cpu_kernel.proj_ffn(y, x, ffn)
 
     def _cpu_weights(self) -> tuple:
         d = self.attns[0].head_dim
         wq, bq = self.qkv_weight((d, d), scale_q=True, q_factor=cpu_kernel.LOG2E)  # the kernel's softmax is base 2
-        lw, lb = kernels.lepe_weights(self)
-        ffn = cpu_kernel.ffn_weights(self.proj, self.norm2, self.mlp.fc1, self.mlp.dwconv, self.mlp.fc2)
-        return tuple(t.contiguous() for t in (wq, bq, lw, lb)) + (ffn,)
+        attention = cpu_kernel.attention_weights(self.norm1, wq, bq, *kernels.lepe_weights(self))
+        return attention, cpu_kernel.ffn_weights(self.proj, self.norm2, self.mlp.fc1, self.mlp.dwconv, self.mlp.fc2)
 
     def cached_weights(self, tag: str, make) -> tuple[torch.Tensor, ...]:
         """``make()``'s weights, built once and kept while no parameter changes (each parameter's data pointer and
