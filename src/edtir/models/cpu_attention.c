@@ -16,8 +16,8 @@
 
    Layouts (float32, C-contiguous):
      x: (B, H, W, C)                  the block's input
-     qkv_p: (2, P, C, 64)             each branch's rows of the qkv weight, (3 heads d, C) as [q, k, v][head][d],
-                                      in panels of 64 (P = ceil(3 heads d / 64)); q's rows multiplied by the
+     qkv_p: (2, ...)                  each branch's rows of the qkv weight, (3 heads d, C) as [q, k, v][head][d],
+                                      in panels (edt_product's packing, in cpu_vec.h); q's rows multiplied by the
                                       attention scale and log2(e); qkv_b: (2, 3 heads d) likewise
      out: (B, H, W, 2, heads, d)      per pixel [branch][head][d]: what proj reads
      lepe_w: (2, 9, heads d), lepe_b: (2, heads d): each branch's 3x3 kernel in its own window's frame, tap-major
@@ -147,7 +147,7 @@ int edt_block_attention(const float *x, float *out, const float *ln_g, const flo
                         int H, int W, int C, int wh, int ww, int s0, int s1, int heads, int d, int threads) {
     if (d < 1 || d > 16 || H % wh || W % ww || H % ww || W % wh || threads < 1 || C < 1 || heads < 1) return -1;
     const int N = wh * ww, NQ = (N + LANES - 1) / LANES * LANES, hd = heads * d;
-    const int P = (3 * hd + 63) / 64; /* weight panels per branch */
+    const int64_t wsize = (int64_t)C * ((3 * hd + LANES - 1) / LANES * LANES); /* one branch's packed weight */
     const int nwin = (H / wh) * (W / ww); /* per image and branch: the same for both */
     const int64_t tasks = (int64_t)batch * nwin * 2;
     const int shifted = s0 != 0 || s1 != 0;
@@ -191,8 +191,9 @@ int edt_block_attention(const float *x, float *out, const float *ln_g, const flo
             S.img = imgs + br * img;
             const int mixed = window_tokens((int64_t)image * H * W, H, W, w / ncol, w % ncol, A, B, sr, sc, shifted,
                                             &S);
-            for (int t = 0; t < N; t++) edt_layer_norm(x + S.pos[t] * C, 1, C, ln_g, ln_b, eps, S.xn + (int64_t)t * C);
-            edt_product(S.xn, N, C, qkv_p + (int64_t)br * P * C * 64, 3 * hd, qkv_b + (int64_t)br * 3 * hd, NULL,
+            for (int t = 0; t < N; t++) memcpy(S.xn + (int64_t)t * C, x + S.pos[t] * C, sizeof(float) * C);
+            edt_layer_norm(S.xn, N, C, ln_g, ln_b, eps, S.xn);
+            edt_product(S.xn, N, C, qkv_p + br * wsize, 3 * hd, qkv_b + (int64_t)br * 3 * hd, NULL,
                         S.qkv, 0);
             lepe(lepe_w + (int64_t)br * 9 * hd, lepe_b + (int64_t)br * hd, A, B, hd, &S);
             for (int h = 0; h < heads; h++) {

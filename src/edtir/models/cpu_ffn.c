@@ -13,7 +13,8 @@
    Layouts (float32, C-contiguous, rows of pixels):
      y, x, mid, out: (B, H, W, C)   proj's input (the attention's output), the block's input, proj's result
                                     plus x, the block's output
-     panels of a product's weight (N, K): (ceil(N / 64), K, 64), zero beyond N (PyTorch packs them once)
+     a product's weight (N, K) in panels of 64 columns, (N / 64, K, 64), then the last columns as (K, 16 v)
+                                    with zeros beyond N (v vectors: as few as hold them); PyTorch packs them once
      dw_w: (25, hidden), the depthwise kernel tap-major; dw_b: (hidden,) */
 
 #include <math.h>
@@ -43,23 +44,25 @@ static inline v16 vgelu(v16 x) {
     return vselect(x >= splat(0.0f), x - h, h);
 }
 
-/* One tile of y = x wT + b, then GELU or + res: MR_ rows of x (row stride K) against one panel of the weight, at
-   most 64 output columns from n0 (row stride N for y and res). MR_ is a constant where this is inlined. */
+/* One tile of y = x wT + b, then GELU or + res: MR_ rows of x (row stride K) against one panel of the weight,
+   NV_ vectors wide (at most 64 output columns from n0; row stride N for y and res). MR_ and NV_ are constants
+   where this is inlined. */
 static inline __attribute__((always_inline)) void tile(const float *restrict x, int K, const float *restrict wp,
                                                        const float *restrict b, const float *restrict res,
-                                                       float *restrict y, int N, int n0, const int MR_, int gelu) {
+                                                       float *restrict y, int N, int n0, const int MR_, const int NV_,
+                                                       int gelu) {
     v16 acc[MR][NV];
     for (int r = 0; r < MR_; r++)
-        for (int v = 0; v < NV; v++) acc[r][v] = splat(0.0f);
+        for (int v = 0; v < NV_; v++) acc[r][v] = splat(0.0f);
     for (int k = 0; k < K; k++) {
         v16 w[NV];
-        for (int v = 0; v < NV; v++) w[v] = vload(wp + (int64_t)k * PANEL + v * LANES);
+        for (int v = 0; v < NV_; v++) w[v] = vload(wp + (int64_t)k * NV_ * LANES + v * LANES);
         for (int r = 0; r < MR_; r++) {
             const v16 xb = splat(x[(int64_t)r * K + k]);
-            for (int v = 0; v < NV; v++) acc[r][v] += xb * w[v];
+            for (int v = 0; v < NV_; v++) acc[r][v] += xb * w[v];
         }
     }
-    for (int v = 0; v < NV && n0 + v * LANES < N; v++) {
+    for (int v = 0; v < NV_ && n0 + v * LANES < N; v++) {
         const int c = n0 + v * LANES, n = N - c < LANES ? N - c : LANES;
         const v16 bv = vload_n(b + c, n);
         for (int r = 0; r < MR_; r++) {
@@ -71,45 +74,71 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
     }
 }
 
-/* y = x wT + b (GELU'd, or plus res) for M rows, one thread: panel by panel, so a panel (K x 64) stays in L1
-   while the rows (in L2) go past it. */
+/* Every row of x against one panel NV_ vectors wide (a constant where this is inlined), MR rows a tile. */
+static inline __attribute__((always_inline)) void panel(const float *x, int64_t M, int K, const float *w, int N,
+                                                        int n0, const float *b, const float *res, float *y,
+                                                        const int NV_, int gelu) {
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) tile(x + m * K, K, w, b, res ? res + m * N : NULL, y + m * N, N, n0, MR, NV_, gelu);
+    switch (M - m) { /* the last rows: constant tile heights, so the loops unroll */
+#define LAST(R) case R: tile(x + m * K, K, w, b, res ? res + m * N : NULL, y + m * N, N, n0, R, NV_, gelu); break;
+        LAST(1) LAST(2) LAST(3) LAST(4) LAST(5)
+#undef LAST
+    }
+}
+
+/* y = x wT + b (GELU'd, or plus res) for M rows, one thread: panel by panel, so a panel (K x 64) stays in L1 (or
+   L2) while the rows go past it. The last panel is as narrow as the columns left allow (whole vectors). */
 void edt_product(const float *x, int64_t M, int K, const float *wp, int N, const float *b, const float *res,
                  float *y, int gelu) {
-    const int P = (N + PANEL - 1) / PANEL;
-    for (int p = 0; p < P; p++) {
-        const float *w = wp + (int64_t)p * K * PANEL;
-        int64_t m = 0;
-        for (; m + MR <= M; m += MR)
-            tile(x + m * K, K, w, b, res ? res + m * N : NULL, y + m * N, N, p * PANEL, MR, gelu);
-        switch (M - m) { /* the last rows: constant tile heights, so the loops above unroll */
-#define LAST(R) case R: tile(x + m * K, K, w, b, res ? res + m * N : NULL, y + m * N, N, p * PANEL, R, gelu); break;
-            LAST(1) LAST(2) LAST(3) LAST(4) LAST(5)
-#undef LAST
-        }
+    const int full = N / PANEL, rest = (N % PANEL + LANES - 1) / LANES; /* vectors in the last panel */
+    for (int p = 0; p < full; p++) panel(x, M, K, wp + (int64_t)p * K * PANEL, N, p * PANEL, b, res, y, NV, gelu);
+    const float *w = wp + (int64_t)full * K * PANEL;
+    switch (rest) {
+#define REST(V) case V: panel(x, M, K, w, N, full * PANEL, b, res, y, V, gelu); break;
+        REST(1) REST(2) REST(3) REST(4)
+#undef REST
     }
 }
 
 /* PyTorch's layer norm over the C channels of each of n pixels: (x - mean) / sqrt(var + eps) * g + beta, the
-   variance from the deviations (two passes over a pixel's channels, in L1). */
-void edt_layer_norm(const float *restrict x, int64_t n, int C, const float *restrict g, const float *restrict beta,
-                    float eps, float *restrict out) {
+   variance from the deviations (two passes over a pixel's channels, in L1). In place (out == x) is fine. Four
+   pixels at a time: their reductions are independent, so they overlap. */
+void edt_layer_norm(const float *x, int64_t n, int C, const float *restrict g, const float *restrict beta,
+                    float eps, float *out) {
+    enum { G = 4 };
     const int tail = C % LANES ? C % LANES : LANES, last = C - tail; /* the last vector holds tail channels */
     v16 keep; /* 1 in the last vector's lanes that hold channels, 0 beyond */
     for (int i = 0; i < LANES; i++) keep[i] = i < tail ? 1.0f : 0.0f;
-    for (int64_t i = 0; i < n; i++) {
-        const float *xi = x + i * C;
-        float *oi = out + i * C;
-        v16 s = vload_n(xi + last, tail);
-        for (int c = 0; c < last; c += LANES) s += vload(xi + c);
-        const v16 mean = splat(hsum(s) / (float)C);
-        v16 d = (vload_n(xi + last, tail) - mean) * keep, q = d * d;
-        for (int c = 0; c < last; c += LANES) {
-            d = vload(xi + c) - mean;
-            q += d * d;
+    for (int64_t i0 = 0; i0 < n; i0 += G) {
+        const int gn = n - i0 < G ? (int)(n - i0) : G;
+        v16 mean[G], rstd[G];
+        for (int j = 0; j < G; j++) {
+            if (j >= gn) break;
+            const float *xi = x + (i0 + j) * C;
+            v16 s = vload_n(xi + last, tail);
+            for (int c = 0; c < last; c += LANES) s += vload(xi + c);
+            mean[j] = splat(hsum(s) / (float)C);
         }
-        const v16 rstd = splat(1.0f / sqrtf(hsum(q) / (float)C + eps));
-        for (int c = 0; c < last; c += LANES) vstore(oi + c, (vload(xi + c) - mean) * rstd * vload(g + c) + vload(beta + c));
-        vstore_n(oi + last, (vload_n(xi + last, tail) - mean) * rstd * vload_n(g + last, tail) + vload_n(beta + last, tail), tail);
+        for (int j = 0; j < G; j++) {
+            if (j >= gn) break;
+            const float *xi = x + (i0 + j) * C;
+            v16 d = (vload_n(xi + last, tail) - mean[j]) * keep, q = d * d;
+            for (int c = 0; c < last; c += LANES) {
+                d = vload(xi + c) - mean[j];
+                q += d * d;
+            }
+            rstd[j] = splat(1.0f / sqrtf(hsum(q) / (float)C + eps));
+        }
+        for (int j = 0; j < G; j++) {
+            if (j >= gn) break;
+            const float *xi = x + (i0 + j) * C;
+            float *oi = out + (i0 + j) * C;
+            for (int c = 0; c < last; c += LANES)
+                vstore(oi + c, (vload(xi + c) - mean[j]) * rstd[j] * vload(g + c) + vload(beta + c));
+            vstore_n(oi + last, (vload_n(xi + last, tail) - mean[j]) * rstd[j] * vload_n(g + last, tail) +
+                     vload_n(beta + last, tail), tail);
+        }
     }
 }
 

@@ -152,14 +152,20 @@ def serves(x: torch.Tensor, head_dim: int) -> bool:
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and library() is not None)
 
 
-#: the column width of the kernels' packed weights (4 vectors of 16)
+#: the column width of the kernels' packed weights (4 vectors of 16); the last panel is as narrow as whole vectors allow
 PANEL = 64
 
 
 def panels(weight: torch.Tensor) -> torch.Tensor:
-    """A linear layer's weight (N, K) as the kernels read it: (ceil(N / 64), K, 64), zero rows beyond N."""
+    """A linear layer's weight (N, K) as the kernels read it, flat: panels of 64 columns (N // 64, K, 64), then the
+    remaining columns (K, 16 v), zero beyond N, with v the fewest vectors of 16 that hold them."""
     n, k = weight.shape
-    return F.pad(weight.float(), (0, 0, 0, -n % PANEL)).view(-1, PANEL, k).transpose(1, 2).contiguous()
+    full = n // PANEL
+    w = weight.detach().float()
+    parts = [w[:full * PANEL].reshape(full, PANEL, k).transpose(1, 2).reshape(-1)]
+    if n % PANEL:
+        parts.append(F.pad(w[full * PANEL:], (0, 0, 0, -n % 16)).t().reshape(-1))
+    return torch.cat(parts).contiguous()
 
 
 class AttentionWeights(NamedTuple):
@@ -167,7 +173,7 @@ class AttentionWeights(NamedTuple):
     norm: torch.Tensor
     norm_bias: torch.Tensor
     eps: float
-    qkv: torch.Tensor  # (2, P, C, 64): each branch's rows in panels
+    qkv: torch.Tensor  # (2, ...): each branch's rows in panels (:func:`panels`)
     qkv_bias: torch.Tensor  # (2, 3 heads d)
     lepe: torch.Tensor  # (2, 9, heads d): tap-major
     lepe_bias: torch.Tensor  # (2, heads d)
@@ -194,7 +200,7 @@ def _call(fn, x: torch.Tensor, w: AttentionWeights, window, shift, heads: int, h
     hd = heads * head_dim
     if H % wh or W % ww or H % ww or W % wh:
         raise ValueError(f"block_attention: map {H}x{W} does not fit window {window}")
-    if w.qkv.shape[2] != C or w.qkv_bias.shape != (2, 3 * hd) or w.lepe.shape != (2, 9, hd):
+    if w.qkv.shape[1] != C * -(-3 * hd // 16) * 16 or w.qkv_bias.shape != (2, 3 * hd) or w.lepe.shape != (2, 9, hd):
         raise ValueError(f"block_attention: the weights do not fit {C} channels, {heads} heads of {head_dim}")
     x = x.contiguous()
     out = x.new_empty(B, H, W, 2 * hd)
@@ -276,7 +282,8 @@ def ffn_weights(proj, norm, fc1, dwconv, fc2) -> FFNWeights:
 def _call_ffn(fn, y: torch.Tensor, x: torch.Tensor, w: FFNWeights, threads: int) -> torch.Tensor:
     B, H, W, C = x.shape
     hidden = w.fc1_bias.shape[0]
-    if y.shape != x.shape or w.proj_bias.shape[0] != C or w.fc1.shape[1] != C or w.fc2.shape[1] != hidden:
+    if (y.shape != x.shape or w.proj_bias.shape[0] != C or w.proj.numel() != C * -(-C // 16) * 16
+            or w.fc1.numel() != C * -(-hidden // 16) * 16 or w.fc2.numel() != hidden * -(-C // 16) * 16):
         raise ValueError(f"proj_ffn: maps {tuple(y.shape)} and {tuple(x.shape)} do not fit the weights "
                          f"(C {w.proj_bias.shape[0]}, hidden {hidden})")
     y, x = y.contiguous(), x.contiguous()
