@@ -227,3 +227,26 @@ def test_kernel_without_avx512_equals_reference(march, tmp_path, monkeypatch):
     with torch.no_grad():
         out = cpu_kernel._call_ffn(lib.proj_ffn, y, x, cpu_kernel.ffn_weights(*layers), 2)
         assert (out - cpu_kernel.reference_proj_ffn(y, x, *layers)).abs().max() <= TOL
+
+
+@built
+def test_a_hooked_layer_inside_a_block_is_still_called(monkeypatch):
+    """The kernels skip the block's layers (norm2, proj, the FFN's): a block with a hook on one of them takes the
+    op-by-op path, so the hook sees its tensor (CKA's feature capture hooks norm2), and the output is the same."""
+    model = small_t().eval()
+    blk = model.body.layers[0].residual_group.blocks[1]
+    x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(4))
+    calls, seen = [], []
+    real = cpu_kernel.proj_ffn
+    monkeypatch.setattr(cpu_kernel, "proj_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        fused = model(x)
+        n = len(calls)
+        handle = blk.norm2.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].shape))
+        try:
+            hooked = model(x)
+        finally:
+            handle.remove()
+    assert n > 0 and len(calls) == 2 * n - 1  # every block but the hooked one took the kernels
+    assert seen == [(1, 24, 24, 60)]
+    assert (hooked - fused).abs().max() <= TOL

@@ -794,7 +794,7 @@ class EDTBlock(nn.Module):
         if isinstance(plan, tuple):
             x = x + self.drop_path(self.attention_reference(self.norm1(x), plan))
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        if not self.training and not exporting() and not torch.compiler.is_compiling():
+        if not self.training and not exporting() and not torch.compiler.is_compiling() and not self.hooked():
             if kernels.serves(x):
                 try:
                     return self.forward_fused(x)
@@ -810,6 +810,16 @@ class EDTBlock(nn.Module):
             return x + self.drop_path(self.mlp(self.norm2(x)))
         x = linear(self.proj, y, residual=x)  # the residual adds fuse into the products where they can
         return self.mlp(self.norm2(x), residual=x)
+
+    def hooked(self) -> bool:
+        """Whether forward hooks watch a layer inside the block (or every module, global hooks): the fused paths do
+        not call the layers one by one, so a watched block takes the op-by-op path (feature capture for CKA hooks
+        ``norm2``, for instance)."""
+        from torch.nn.modules import module as M
+
+        if M._global_forward_hooks or M._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
 
     def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         """The fast path for fp32 inference on the CPU with the C kernels of :mod:`cpu_kernel`: the norm, the qkv
