@@ -101,6 +101,17 @@ void edt_product(const float *x, int64_t M, int K, const float *wp, int N, const
     }
 }
 
+/* edt_product on `threads` threads, each a share of the rows in chunks of 96: what benchmarks/cpu_products.py
+   times against oneDNN's product (the kernels call edt_product from inside their own threads). */
+void edt_product_threads(const float *x, int64_t M, int K, const float *wp, int N, const float *b, const float *res,
+                         float *y, int gelu, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t m = 0; m < M; m += 96) {
+        const int64_t n = M - m < 96 ? M - m : 96;
+        edt_product(x + m * K, n, K, wp, N, b, res ? res + m * N : NULL, y + m * N, gelu);
+    }
+}
+
 /* PyTorch's layer norm over the C channels of each of n pixels: (x - mean) / sqrt(var + eps) * g + beta, the
    variance from the deviations (two passes over a pixel's channels, in L1). In place (out == x) is fine. Four
    pixels at a time: their reductions are independent, so they overlap. */

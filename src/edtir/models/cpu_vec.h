@@ -118,16 +118,16 @@ static inline float hsum(v16 v) {
 #endif
 }
 
-/* Shared by the kernels, defined in cpu_ffn.c. */
+/* Shared by the kernels, defined in cpu_ffn.c (edt_product is also timed on its own by
+   benchmarks/cpu_products.py). */
 
 /* y = x wT + b, then GELU (gelu) or + res (res not NULL), for M rows of x (K floats each), one thread; the weight
    (N, K) in panels of 64 columns, (N / 64, K, 64), then the rest (K, 16 v) with zeros beyond N, v vectors as few
    as hold them (ceil(N / 16) * 16 * K floats in all); y and res have rows of N floats. */
-__attribute__((visibility("hidden"))) void edt_product(const float *x, int64_t M, int K, const float *wp, int N,
-                                                       const float *b, const float *res, float *y, int gelu);
+void edt_product(const float *x, int64_t M, int K, const float *wp, int N, const float *b, const float *res,
+                 float *y, int gelu);
 
 /* PyTorch's layer norm over the C floats of each of n rows; out may be x. */
-__attribute__((visibility("hidden"))) void edt_layer_norm(const float *x, int64_t n, int C, const float *g,
-                                                          const float *beta, float eps, float *out);
+void edt_layer_norm(const float *x, int64_t n, int C, const float *g, const float *beta, float eps, float *out);
 
 #endif
