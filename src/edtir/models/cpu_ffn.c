@@ -2,20 +2,20 @@
    FFN (layer norm, fc1, GELU, 5x5 depthwise conv, GELU, fc2) and its residual add.
 
    Built with cpu_attention.c into one library by edtir/models/cpu_kernel.py and called through ctypes after the
-   attention kernel. Why: on a 2-core VM, oneDNN's products for EDT-T's 60-wide layers ran at 124-152 GFLOP/s on
-   a whole 264x264 map and at 160-175 on a map that fits in cache, and this file's product reaches 190-200 (the
-   machine's peak) on cached rows but only 123-144 on the whole map: the maps (17 MB; 33 MB for fc1's output),
-   not the arithmetic, set the pace. So the FFN goes row by row through the image with everything between the
-   block's two maps in L2: each row of fc1's output is computed once into a ring of five rows (the depthwise conv's
-   height), each output row of the conv goes straight into fc2. Per block the FFN then reads and writes one map of
-   C channels each, where the op-by-op path wrote and read six, two of them twice as wide.
+   attention kernel. Why: on the 2-core development VM this file's product runs at the machine's peak (185-197
+   GFLOP/s) on rows that stay in cache but at 103-129 on a whole 264x264 map of EDT-T (benchmarks/cpu_products.py):
+   the maps (17 MB; 33 MB for fc1's output), not the arithmetic, set the pace. So the block's second half goes row
+   by row through the image with everything between the block's two maps in L2: each row of proj's result and of
+   fc1's output is computed once into a ring of five rows (the depthwise conv's height), and each output row of the
+   conv goes straight into fc2. The op-by-op path wrote and read back six maps per block, two of them twice as
+   wide; this reads two maps (y and x) and writes one.
 
    Layouts (float32, C-contiguous, rows of pixels):
-     y, x, mid, out: (B, H, W, C)   proj's input (the attention's output), the block's input, proj's result
-                                    plus x, the block's output
+     y, x, out: (B, H, W, C)        proj's input (the attention's output), the block's input, the block's output
      a product's weight (N, K) in panels of 64 columns, (N / 64, K, 64), then the last columns as (K, 16 v)
                                     with zeros beyond N (v vectors: as few as hold them); PyTorch packs them once
-     dw_w: (25, hidden), the depthwise kernel tap-major; dw_b: (hidden,) */
+     dw_w: (25, hidden), the depthwise kernel tap-major; dw_b: (hidden,)
+   Threads take bands of rows; each also computes the two rows of proj and fc1 above and below its band. */
 
 #include <math.h>
 #include <stdint.h>
