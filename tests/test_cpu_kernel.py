@@ -250,3 +250,21 @@ def test_a_hooked_layer_inside_a_block_is_still_called(monkeypatch):
     assert n > 0 and len(calls) == 2 * n - 1  # every block but the hooked one took the kernels
     assert seen == [(1, 24, 24, 60)]
     assert (hooked - fused).abs().max() <= TOL
+
+
+def test_info_system_says_which_kernels_serve(capsys):
+    """`edtir info --system` reports the C kernels' state as cpu_kernel.status() has it (on, off, or unavailable
+    and why), and the same as JSON."""
+    import json
+
+    from edtir.cli import main
+
+    assert main(["info", "--system"]) == 0
+    lines = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["C kernels (CPU fp32 inference)"].strip() == cpu_kernel.status()
+    assert int(lines["CPU threads"]) == torch.get_num_threads()
+    with cpu_kernel.enabled(False):
+        assert main(["info", "--system", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["cpu_kernels"] == "off (EDTIR_CPU_KERNEL=0)"
+    assert main(["info", "--system", "--list"]) == 2
+    assert "give it alone" in capsys.readouterr().err

@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--window", metavar="HxW", help="horizontal window of the fresh model (default 6x24)")
     p.add_argument("--no-macs", action="store_true", help="skip measuring multiply-accumulates")
     p.add_argument("--list", action="store_true", help="list bundled models and baselines")
+    p.add_argument("--system", action="store_true",
+                   help="what edtir runs on here: versions, CPU threads, GPUs, and which fast kernels serve")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 
@@ -35,9 +37,45 @@ def parse_window(text: str) -> tuple[int, int]:
     return h, w
 
 
+def system() -> dict:
+    """Versions, devices and the state of the optional kernels: what a bug report or a slow run needs to say."""
+    import platform
+
+    import torch
+
+    from .. import __version__
+    from ..models import cpu_kernel, kernels
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    if kernels.triton is None:
+        triton = "not installed (the CUDA fast path uses PyTorch's kernels)"
+    elif not kernels.enabled.on:
+        triton = "off (EDTIR_TRITON=0)"
+    else:
+        triton = f"on (Triton {kernels.triton.__version__})" if gpus else \
+            f"Triton {kernels.triton.__version__} installed; serves CUDA inference (no GPU here)"
+    return {"edtir": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+            "cpu_kernels": cpu_kernel.status(), "cuda": gpus, "triton_kernels": triton}
+
+
 def run(args) -> int:
     from .. import zoo
 
+    if args.system:
+        if args.weights or args.model or args.arch or args.list:
+            raise UsageError("--system describes this machine: give it alone (or with --json)")
+        report = system()
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            labels = {"cpu_threads": "CPU threads", "cpu_kernels": "C kernels (CPU fp32 inference)",
+                      "cuda": "CUDA GPUs", "triton_kernels": "Triton kernels (GPU inference)"}
+            for k, v in report.items():
+                v = ", ".join(v) or "none" if isinstance(v, list) else v
+                print(f"{labels.get(k, k) + ':':32s} {v}")
+        return 0
     if args.list:
         from ..baselines import BASELINES
 
