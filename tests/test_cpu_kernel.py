@@ -159,7 +159,8 @@ FFN_CASES = [  # (B, H, W), C, hidden
     ((1, 12, 24), 180, 360),  # EDT-B's
     ((2, 7, 13), 12, 40),     # two images, rows of 13 pixels (not a multiple of 8), widths not multiples of 16
     ((1, 1, 5), 16, 16),      # a single row: every tap above and below is outside the map
-    ((1, 3, 2), 8, 24),       # fewer rows than threads' halos, two pixels a row
+    ((1, 3, 2), 8, 24),       # a map smaller than the halos, two pixels a row
+    ((1, 26, 9), 24, 48),     # 3 threads of at least 8 rows: bands of 8, 9 and 9 rows with their halos
 ]
 
 

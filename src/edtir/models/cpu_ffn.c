@@ -15,7 +15,8 @@
      a product's weight (N, K) in panels of 64 columns, (N / 64, K, 64), then the last columns as (K, 16 v)
                                     with zeros beyond N (v vectors: as few as hold them); PyTorch packs them once
      dw_w: (25, hidden), the depthwise kernel tap-major; dw_b: (hidden,)
-   Threads take bands of rows; each also computes the two rows of proj and fc1 above and below its band. */
+   Threads take bands of rows (8 at least); each also computes the two rows of proj and fc1 above and below its
+   band. */
 
 #include <math.h>
 #include <stdint.h>
@@ -205,6 +206,8 @@ int edt_proj_ffn(const float *y, const float *x, float *out, int batch, int H, i
     if (threads < 1 || H < 1 || W < 1 || C < 1 || hidden < 1) return -1;
     const int64_t RW = (int64_t)(W + 4) * hidden, RC = (int64_t)W * C; /* a ring row of fc1's output, zero-padded */
     const size_t per = (size_t)(5 * RW + 6 * RC + (int64_t)W * hidden + 16) / 16 * 16;
+    /* at least 8 rows a thread: each thread also computes 4 rows of proj and fc1 around its band */
+    if (threads > H / 8) threads = H / 8 > 1 ? H / 8 : 1;
     float *scratch = aligned_alloc(64, sizeof(float) * per * threads);
     if (!scratch) return -1;
 #pragma omp parallel num_threads(threads)
