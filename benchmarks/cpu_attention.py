@@ -23,8 +23,9 @@ import edtir.models.edt as E
 from edtir.models import cpu_kernel
 
 
-def median_ms(f, repeats: int = 10) -> float:
-    f()
+def median_ms(f, repeats: int = 10, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        f()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

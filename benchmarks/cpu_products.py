@@ -16,25 +16,18 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from cpu_attention import median_ms
 
 import edtir.models.edt as E
 from edtir.models import cpu_kernel
 
 
-def median_s(f, repeats: int = 15) -> float:
-    f()
-    f()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_s(f) -> float:
+    """Median seconds of 15 runs after two warm-ups."""
+    return median_ms(f, repeats=15, warmup=2) / 1e3
 
 
 def kernel_product():

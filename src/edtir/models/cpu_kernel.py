@@ -156,6 +156,11 @@ def serves(x: torch.Tensor, head_dim: int) -> bool:
 PANEL = 64
 
 
+def packed_numel(n: int, k: int) -> int:
+    """The floats :func:`panels` makes of an (n, k) weight: k rows of n columns rounded up to whole vectors of 16."""
+    return k * -(-n // 16) * 16
+
+
 def panels(weight: torch.Tensor) -> torch.Tensor:
     """A linear layer's weight (N, K) as the kernels read it, flat: panels of 64 columns (N // 64, K, 64), then the
     remaining columns (K, 16 v), zero beyond N, with v the fewest vectors of 16 that hold them."""
@@ -200,7 +205,7 @@ def _call(fn, x: torch.Tensor, w: AttentionWeights, window, shift, heads: int, h
     hd = heads * head_dim
     if H % wh or W % ww or H % ww or W % wh:
         raise ValueError(f"block_attention: map {H}x{W} does not fit window {window}")
-    if w.qkv.shape[1] != C * -(-3 * hd // 16) * 16 or w.qkv_bias.shape != (2, 3 * hd) or w.lepe.shape != (2, 9, hd):
+    if w.qkv.shape[1] != packed_numel(3 * hd, C) or w.qkv_bias.shape != (2, 3 * hd) or w.lepe.shape != (2, 9, hd):
         raise ValueError(f"block_attention: the weights do not fit {C} channels, {heads} heads of {head_dim}")
     x = x.contiguous()
     out = x.new_empty(B, H, W, 2 * hd)
@@ -282,8 +287,8 @@ def ffn_weights(proj, norm, fc1, dwconv, fc2) -> FFNWeights:
 def _call_ffn(fn, y: torch.Tensor, x: torch.Tensor, w: FFNWeights, threads: int) -> torch.Tensor:
     B, H, W, C = x.shape
     hidden = w.fc1_bias.shape[0]
-    if (y.shape != x.shape or w.proj_bias.shape[0] != C or w.proj.numel() != C * -(-C // 16) * 16
-            or w.fc1.numel() != C * -(-hidden // 16) * 16 or w.fc2.numel() != hidden * -(-C // 16) * 16):
+    if (y.shape != x.shape or w.proj_bias.shape[0] != C or w.proj.numel() != packed_numel(C, C)
+            or w.fc1.numel() != packed_numel(hidden, C) or w.fc2.numel() != packed_numel(C, hidden)):
         raise ValueError(f"proj_ffn: maps {tuple(y.shape)} and {tuple(x.shape)} do not fit the weights "
                          f"(C {w.proj_bias.shape[0]}, hidden {hidden})")
     y, x = y.contiguous(), x.contiguous()
