@@ -4,7 +4,7 @@
     python benchmarks/train_speed.py                          # CPU, batch 4, LR patch 48, fp32
     python benchmarks/train_speed.py --device cuda            # GPU, batch 32, bf16 autocast
     python benchmarks/train_speed.py --device cuda --batch 32 --patch 48 --sizes B --steps 20
-    python benchmarks/train_speed.py --compare-attention --steps 4   # CPU: explicit attention vs torch's kernel
+    python benchmarks/train_speed.py --compare-attention --steps 4   # CPU: the C kernel, explicit, torch's kernel
 
 For reference, the official code trains EDT-B x2 at batch 32, patch 48 at about 56 patches/s on an H200.
 """
@@ -12,20 +12,35 @@ For reference, the official code trains EDT-B x2 at batch 32, patch 48 at about 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 import time
 
 import torch
 
+#: --compare-attention's modes: (C kernel on, PyTorch's explicit attention on); the kernel needs the latter
+MODES = {"C kernel": (True, True), "explicit": (False, True), "fused": (False, False)}
+
+
+@contextlib.contextmanager
+def explicit_attention(on: bool):
+    import edtir.models.edt as E
+
+    old, E.CPU_EXPLICIT_ATTENTION = E.CPU_EXPLICIT_ATTENTION, on
+    try:
+        yield
+    finally:
+        E.CPU_EXPLICIT_ATTENTION = old
+
 
 def bench(size: str, task: str, batch: int, patch: int, device: torch.device, bf16: bool, warmup: int,
           steps: int, drop_path: float, compare: bool = False) -> dict:
-    """``compare``: alternate steps between the CPU's explicit attention and torch's fused kernel (same model,
-    same batch) and report both, as ``s_per_step`` / ``fused_s_per_step`` (medians)."""
+    """``compare``: alternate steps between the attentions of :data:`MODES` (same model, same batch) and report
+    each one's median ``s_per_step``."""
     import statistics
 
-    import edtir.models.edt as E
+    from edtir.models import cpu_kernel
     from edtir.models.edt import build_model
     from edtir.train.loop import MultiTaskStep, train_step
 
@@ -45,18 +60,14 @@ def bench(size: str, task: str, batch: int, patch: int, device: torch.device, bf
         train_step(step_module, {task: (x, y)}, opt, {task: 1.0}, device, bf16, None, params)
     sync()
     if compare:
-        times, old = {True: [], False: []}, E.CPU_EXPLICIT_ATTENTION
-        try:
-            for _ in range(steps):
-                for explicit in (True, False):
-                    E.CPU_EXPLICIT_ATTENTION = explicit
+        times = {mode: [] for mode in MODES}
+        for _ in range(steps):
+            for mode, (kernel, explicit) in MODES.items():
+                with cpu_kernel.enabled(kernel), explicit_attention(explicit):
                     t0 = time.perf_counter()
                     train_step(step_module, {task: (x, y)}, opt, {task: 1.0}, device, bf16, None, params)
-                    times[explicit].append(time.perf_counter() - t0)
-        finally:
-            E.CPU_EXPLICIT_ATTENTION = old
-        dt = statistics.median(times[True])
-        return {"s_per_step": dt, "patches_per_s": batch / dt, "fused_s_per_step": statistics.median(times[False]),
+                    times[mode].append(time.perf_counter() - t0)
+        return {"s_per_step": {m: statistics.median(t) for m, t in times.items()},
                 "params": sum(p.numel() for p in params)}
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -83,7 +94,8 @@ def main() -> int:
     ap.add_argument("--drop-path", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--compare-attention", action="store_true",
-                    help="CPU fp32: alternate steps between the explicit attention and torch's fused kernel")
+                    help="CPU fp32: alternate steps between the C kernel's attention, the explicit one and "
+                         "torch's fused kernel")
     args = ap.parse_args()
 
     from edtir.models.edt import task_kind
@@ -111,8 +123,8 @@ def main() -> int:
     print(f"device: {device.type} ({name}); torch {torch.__version__}; task {args.task}, batch {batch}, "
           f"patch {patch}, {precision}, {warmup} warm-up + {steps} timed steps")
     if args.compare_attention:
-        print(f"{'model':<7} {'params':>11} {'s/step explicit':>16} {'s/step fused':>13} {'speed-up':>9}"
-              "   (medians of alternating steps)")
+        print(f"{'model':<7} {'params':>11} " + " ".join(f"{'s/step ' + m:>18}" for m in MODES)
+              + "   (medians of alternating steps)")
     else:
         print(f"{'model':<7} {'params':>11} {'s/step':>9} {'patches/s':>10} {'peak GiB':>9}")
     for size in [s.strip().upper() for s in args.sizes.split(",") if s.strip()]:
@@ -120,8 +132,8 @@ def main() -> int:
             r = bench(size, args.task, batch, patch, device, precision == "bf16", warmup, steps, args.drop_path,
                       args.compare_attention)
             if args.compare_attention:
-                print(f"EDT-{size:<3} {r['params']:>11,} {r['s_per_step']:>16.3f} {r['fused_s_per_step']:>13.3f} "
-                      f"{r['fused_s_per_step'] / r['s_per_step']:>9.2f}", flush=True)
+                print(f"EDT-{size:<3} {r['params']:>11,} "
+                      + " ".join(f"{r['s_per_step'][m]:>18.3f}" for m in MODES), flush=True)
                 continue
         except torch.OutOfMemoryError:
             print(f"EDT-{size:<3} {'out of memory at this batch':>40}")

@@ -1,6 +1,8 @@
-"""The C kernels for CPU inference (edtir.models.cpu_kernel: the window attention, and proj with the FFN) against
-the reference formulations, in the model, and what happens where they cannot be built."""
+"""The C kernels of edtir.models.cpu_kernel (for inference: the window attention, and proj with the FFN; for
+training: the window attention with its backward) against the reference formulations, in the model, and what happens
+where they cannot be built."""
 
+import contextlib
 import ctypes
 import math
 import platform
@@ -269,3 +271,117 @@ def test_info_system_says_which_kernels_serve(capsys):
         assert json.loads(capsys.readouterr().out)["cpu_kernels"] == "off (EDTIR_CPU_KERNEL=0)"
     assert main(["info", "--system", "--list"]) == 2
     assert "give it alone" in capsys.readouterr().err
+
+
+TRAIN_CASES = [  # windows, tokens, heads, head dim, period, bias_from (None: no bias)
+    (8, 144, 6, 5, 4, 2),    # EDT-T's heads, two images of 4 window rows, the last two of each with a bias
+    (6, 144, 6, 15, 6, 0),   # EDT-B's, one image, every window with a bias
+    (4, 15, 2, 16, 2, 1),    # 15 tokens (not a multiple of 16), head dim 16
+    (3, 24, 1, 1, 3, None),  # head dim 1, no bias
+]
+
+
+@built
+@pytest.mark.parametrize("case", TRAIN_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}x{c[3]}-bias{c[5]}")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_training_attention_equals_reference(case, threads):
+    """The training kernel's output and the gradient of its rows against autograd through the plain formula in
+    float64 (:func:`cpu_kernel.reference_window_attention_rows`)."""
+    nw, n, heads, d, period, bias_from = case
+    rows, bias, grad, plan = cpu_kernel._train_case(torch.Generator().manual_seed(nw + d), nw, n, heads, d, period,
+                                                   bias_from or 0)
+    if bias_from is None:
+        bias = None
+    x = rows.clone().requires_grad_()
+    with torch_threads(threads):
+        out = cpu_kernel.window_attention(x, heads, d, bias, **plan)
+        out.backward(grad)
+    r = rows.double().requires_grad_()
+    ref = cpu_kernel.reference_window_attention_rows(r, heads, d, bias, **plan)
+    ref.backward(grad.double())
+    assert out.shape == (nw, n, heads * d)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (x.grad - r.grad).abs().max() <= 1e-5 * r.grad.abs().max()
+    if bias is not None:  # the bias did count
+        assert (ref - cpu_kernel.reference_window_attention_rows(r, heads, d)).abs().max() > 0.1
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@built
+def test_training_uses_the_kernel_and_its_gradients_equal_the_pytorch_path(monkeypatch):
+    """A training step of a small EDT-T with the kernel (q, k and v unpadded) and without it (the explicit
+    attention, padded to 16): the same loss and gradients for every parameter."""
+    calls = []
+    real = cpu_kernel.window_attention
+    monkeypatch.setattr(cpu_kernel, "window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = sharpen(small_t(("sr-x2",))).train()
+    x = torch.rand(2, 3, 24, 48, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for on in (True, False):
+        model.zero_grad()
+        with cpu_kernel.enabled(on):
+            loss = (model(x) * torch.linspace(-1, 1, 2 * 3 * 48 * 96).view(2, 3, 48, 96)).sum()
+            loss.backward()
+        grads[on] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        if on:
+            assert calls  # every block's attention went through the kernel
+            n_calls = len(calls)
+    assert len(calls) == n_calls  # and not with it off
+    for name, g in grads[False].items():
+        assert (grads[True][name] - g).abs().max() <= TOL * g.abs().max().clamp_min(1e-3), name
+
+
+@built
+def test_a_miscompiled_training_kernel_is_not_used():
+    good = cpu_kernel.library()
+
+    def zero_gradient(*args):  # the backward leaves its output (d_rows, argument 9) at zero
+        nw, n, heads, d = args[9], args[10], args[11], args[12]
+        (ctypes.c_float * (nw * n * 3 * heads * d)).from_address(args[8])[:] = [0.0] * (nw * n * 3 * heads * d)
+        return 0
+
+    with pytest.raises(RuntimeError, match="training attention kernel is off by"):
+        cpu_kernel._check(good._replace(train_backward=zero_gradient))
+    cpu_kernel._check(good)
+
+
+@built
+@pytest.mark.parametrize("shape,C", [((2, 12, 16), 120), ((1, 1, 5), 16), ((1, 3, 2), 8), ((3, 7, 9), 33)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_depthwise_training_kernel_equals_reference(shape, C, threads):
+    """GELU(5x5 depthwise conv) and its gradients (input, weight, bias) against autograd through PyTorch's conv in
+    float64: EDT-T's hidden width, single rows and maps smaller than the kernel, widths not multiples of 16."""
+    h, w, b, g = cpu_kernel._dwconv_case(torch.Generator().manual_seed(C), shape, C)
+    ins = [t.clone().requires_grad_() for t in (h, w, b)]
+    with torch_threads(threads):
+        out = cpu_kernel.dwconv_gelu(*ins)
+        out.backward(g)
+    ref_ins = [t.double().requires_grad_() for t in (h, w, b)]
+    ref = cpu_kernel.reference_dwconv_gelu(*ref_ins)
+    ref.backward(g.double())
+    assert out.shape == h.shape and (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for name, a, r in zip(("input", "weight", "bias"), ins, ref_ins, strict=True):
+        assert (a.grad - r.grad).abs().max() <= 1e-5 * r.grad.abs().max(), name
+
+
+@built
+def test_a_miscompiled_depthwise_kernel_is_not_used():
+    good = cpu_kernel.library()
+
+    def zero_weight_gradient(*args):  # runs the real backward, then loses the weight's gradient (argument 5)
+        rc = good.dwconv_backward(*args)
+        C = args[-2]
+        (ctypes.c_float * (25 * C)).from_address(args[5])[:] = [0.0] * (25 * C)
+        return rc
+
+    with pytest.raises(RuntimeError, match="depthwise conv kernel is off by"):
+        cpu_kernel._check(good._replace(dwconv_backward=zero_weight_gradient))

@@ -144,6 +144,24 @@ def test_finetune_loads_body_and_named_heads(tmp_path, capfd):
         assert torch.equal(v, want[k]), k
 
 
+@needs_t91
+def test_finetune_takes_the_body_from_init_body(tmp_path, capfd):
+    """init.body: the heads and tails from init.path, then the body alone from another checkpoint."""
+    torch.manual_seed(2)
+    heads, body = build_model("T", ["sr-x3"]), build_model("T", ["sr-x2"])
+    save_model(heads, tmp_path / "heads.safetensors")
+    save_model(body, tmp_path / "body.safetensors")
+    raw = raw_config(("sr-x3",), train={"iterations": 0, "lr": 1e-5, "milestones": []})
+    raw["init"] = {"path": str(tmp_path / "heads.safetensors"), "tasks": ["sr-x3"],
+                   "body": str(tmp_path / "body.safetensors")}
+    got = tensors(train(config_from_dict(raw), tmp_path / "ft", progress=False))
+    assert "then the body from" in capfd.readouterr().err
+    b, h = body.state_dict(), heads.state_dict()
+    assert not torch.equal(b["body.conv_after_body.weight"], h["body.conv_after_body.weight"])
+    for k, v in got.items():
+        assert torch.equal(v, (h if k.startswith(("head_", "tail_")) else b)[k]), k
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Exact resume (with EMA and gradient clipping on, so their state is restored too)
 

@@ -61,6 +61,8 @@ def test_semantic_checks():
         config_from_dict(base(train={"precision": "fp16"}))
     with pytest.raises(ConfigError, match="init.tasks"):
         config_from_dict(base(init={"path": "m.safetensors", "tasks": ["sr-x3"]}))
+    with pytest.raises(ConfigError, match="init.body: given without init.path"):
+        config_from_dict(base(init={"body": "m.safetensors"}))
     rain = {"model": {"size": "T", "tasks": ["derain-light"]},
             "data": {"derain-light": {"folders": ["x"], "patch": 96, "rain": "light-wide"}}}
     assert rain_of(config_from_dict(rain), "derain-light") == "light-wide"

@@ -166,10 +166,7 @@ int edt_block_attention(const float *x, float *out, const float *ln_g, const flo
     }
 #pragma omp parallel num_threads(threads)
     {
-        int id = 0;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-#endif
+        const int id = thread_id();
         Scratch S;
         S.lab = fbuf + floats * id;
         S.xn = S.lab + NQ;

@@ -29,22 +29,6 @@
 #define PANEL (NV * LANES)
 #define MR 6              /* rows per tile */
 
-/* GELU(x) = x Phi(x) with erf, as PyTorch's default (not the tanh form). erfc(z) = poly(t) e^(-z^2) with
-   t = 1 / (1 + p z) (Abramowitz and Stegun 7.1.26, |error| <= 1.5e-7), z = |x| / sqrt(2); then
-   GELU(x) = x - x erfc(z) / 2 for x >= 0 and x erfc(z) / 2 below zero (no cancellation on the negative side). */
-static inline v16 vgelu(v16 x) {
-    const v16 z = vabs(x) * splat(0.70710678118654752f);
-    const v16 t = vrcp(splat(1.0f) + splat(0.3275911f) * z);
-    v16 p = splat(1.061405429f);
-    p = p * t + splat(-1.453152027f);
-    p = p * t + splat(1.421413741f);
-    p = p * t + splat(-0.284496736f);
-    p = p * t + splat(0.254829592f);
-    p = p * t;
-    const v16 h = splat(0.5f) * x * p * vexp2(splat(-1.4426950408889634f) * z * z);
-    return vselect(x >= splat(0.0f), x - h, h);
-}
-
 /* One tile of y = x wT + b, then GELU or + res: MR_ rows of x (row stride K) against one panel of the weight,
    NV_ vectors wide (at most 64 output columns from n0; row stride N for y and res). MR_ and NV_ are constants
    where this is inlined. */

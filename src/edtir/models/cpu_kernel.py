@@ -1,5 +1,7 @@
-"""An EDT block for fp32 inference on the CPU as two C kernels, built into one library: the norm, the qkv product and
-the window attention (``cpu_attention.c``), then ``proj`` with the FFN (``cpu_ffn.c``).
+"""C kernels for EDT on the CPU, built into one library. For fp32 inference a block is two of them: the norm, the qkv
+product and the window attention (``cpu_attention.c``), then ``proj`` with the FFN (``cpu_ffn.c``). For fp32
+training two more have autograd functions here: the window attention with its backward (``cpu_attention_train.c``,
+:func:`window_attention`) and the FFN's depthwise conv + GELU with theirs (``cpu_dwconv.c``, :func:`dwconv_gelu`).
 
 On a 2-core VM the eager fast path spent most of an EDT-T pass, and a third of an EDT-B one, in the attention:
 batched products of 144 x 144 logits, softmax passes over them and the gathers around them
@@ -16,8 +18,8 @@ it with ``-O3 -march=native -fopenmp`` into the cache (``$EDTIR_CACHE_DIR``, els
 else ``~/.cache/edtir``; about a second, once per machine and source), written under a temporary name and
 renamed (where the cache cannot be written, into a private temporary directory, each process).
 Where that fails (no compiler, no OpenMP) or ``EDTIR_CPU_KERNEL=0``, the model keeps its PyTorch fast path;
-:func:`status` says which and why. The kernel is checked against the reference formulation once per process
-before it is used.
+:func:`status` says which and why. Every kernel is checked against the reference formulation (the training ones:
+their gradients too) once per process before any is used.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ import torch.nn.functional as F
 
 from .switch import Switch
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_attention.c", "cpu_ffn.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_attention.c", "cpu_ffn.c", "cpu_attention_train.c",
+                                                         "cpu_dwconv.c"))
 HEADERS = tuple(Path(__file__).with_name(n) for n in ("cpu_vec.h",))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
 #: the largest head dim the kernel takes (EDT's are 5, 10 and 15)
@@ -109,6 +112,10 @@ class Kernels(NamedTuple):
     """The library's entry points."""
     attention: Callable
     proj_ffn: Callable
+    train_forward: Callable  # window attention with autograd (cpu_attention_train.c)
+    train_backward: Callable
+    dwconv_forward: Callable  # the FFN's depthwise conv + GELU with autograd (cpu_dwconv.c)
+    dwconv_backward: Callable
 
 
 def _load() -> Kernels:
@@ -121,8 +128,17 @@ def _load() -> Kernels:
     ffn = lib.edt_proj_ffn
     ffn.restype = i32
     ffn.argtypes = [ptr] * 3 + [i32] * 4 + [ptr] * 4 + [ctypes.c_float] + [ptr] * 2 + [i32] + [ptr] * 4 + [i32]
+    i64 = ctypes.c_int64
+    fwd, bwd = lib.edt_window_attention_fwd, lib.edt_window_attention_bwd
+    fwd.restype = bwd.restype = i32
+    fwd.argtypes = [ptr] * 4 + [i32] * 2 + [i64] + [i32] * 4
+    bwd.argtypes = [ptr] * 6 + [i32] * 2 + [ptr, i64] + [i32] * 4
+    dw_fwd, dw_bwd = lib.edt_dwconv_gelu_fwd, lib.edt_dwconv_gelu_bwd
+    dw_fwd.restype = dw_bwd.restype = i32
+    dw_fwd.argtypes = [ptr] * 5 + [i32] * 5
+    dw_bwd.argtypes = [ptr] * 7 + [i32] * 5
     _state["path"] = path
-    kernels = Kernels(attention, ffn)
+    kernels = Kernels(attention, ffn, fwd, bwd, dw_fwd, dw_bwd)
     _check(kernels)
     return kernels
 
@@ -150,6 +166,16 @@ def serves(x: torch.Tensor, head_dim: int) -> bool:
     """CPU, float32 (no autocast), no autograd: inference. The caller checks for export and compile."""
     return (enabled.on and x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and library() is not None)
+
+
+def serves_training(x: torch.Tensor, head_dim: int = 0) -> bool:
+    """The kernels with autograd (:func:`window_attention`, :func:`dwconv_gelu`): CPU, float32, no autocast, not
+    exporting or compiling (the callers check for the fast path)."""
+    from .edt import exporting
+
+    return (enabled.on and x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
+            and not torch.is_autocast_enabled("cpu") and not exporting() and not torch.compiler.is_compiling()
+            and library() is not None)
 
 
 #: the column width of the kernels' packed weights (4 vectors of 16); the last panel is as narrow as whole vectors allow
@@ -335,6 +361,8 @@ def _check(lib: Kernels) -> None:
         err = (out - reference_proj_ffn(y, x, *layers)).abs().max().item()
     if not err <= 1e-4:
         raise RuntimeError(f"the built FFN kernel is off by {err:.3g} from the reference")
+    _check_training(lib, gen)
+    _check_dwconv(lib, gen)
 
 
 def _ffn_case(gen, shape, C, hidden):
@@ -346,3 +374,173 @@ def _ffn_case(gen, shape, C, hidden):
         for p in (p for m in layers for p in m.parameters()):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     return torch.randn(*shape, C, generator=gen), torch.randn(*shape, C, generator=gen), layers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Window attention with autograd, for training (cpu_attention_train.c)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _lanes(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def _bias_pair(bias: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (rows, [1,] N, N) bias in e-units as the kernel reads it: in base-2 units, key-major and query-major, the
+    last axis padded to whole vectors."""
+    b = bias.detach().reshape(-1, n, n).float() * LOG2E
+    pad = (0, _lanes(n) - n)
+    return F.pad(b.transpose(1, 2), pad).contiguous(), F.pad(b, pad).contiguous()
+
+
+class _WindowAttention(torch.autograd.Function):
+    """:func:`window_attention`: the forward keeps each query's log-sum-exp, the backward recomputes the
+    probabilities (in registers) and returns the gradient of the rows."""
+
+    @staticmethod
+    def forward(ctx, rows, bias, bias_from, period, heads, d, lib):
+        nw, n, width = rows.shape
+        if width != 3 * heads * d or d > MAX_HEAD_DIM:
+            raise ValueError(f"window_attention: rows of {width} do not hold q, k, v of {heads} heads of {d}")
+        rows = rows.contiguous()
+        out = rows.new_empty(nw, n, heads * d)
+        lse = rows.new_empty(nw, heads, _lanes(n))
+        bq, bk = _bias_pair(bias, n) if bias is not None else (None, None)
+        ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
+        rc = lib.train_forward(rows.data_ptr(), out.data_ptr(), lse.data_ptr(), ptr(bq), bias_from,
+                                     period or nw, nw, n, heads, d, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError("edt_window_attention_fwd failed (out of memory?)")
+        ctx.save_for_backward(rows, out, lse)
+        ctx.plan = (bq, bk, bias_from, period or nw, heads, d, lib)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        rows, out, lse = ctx.saved_tensors
+        bq, bk, bias_from, period, heads, d, lib = ctx.plan
+        d_out = d_out.contiguous()
+        d_rows = torch.empty_like(rows)
+        nw, n, _ = rows.shape
+        ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
+        rc = lib.train_backward(rows.data_ptr(), out.data_ptr(), d_out.data_ptr(), lse.data_ptr(), ptr(bq),
+                                      ptr(bk), bias_from, period, d_rows.data_ptr(), nw, n, heads, d,
+                                      torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError("edt_window_attention_bwd failed (out of memory?)")
+        return d_rows, None, None, None, None, None, None
+
+
+def window_attention(rows: torch.Tensor, heads: int, d: int, bias: torch.Tensor | None = None, bias_from: int = 0,
+                     period: int | None = None, lib: Kernels | None = None) -> torch.Tensor:
+    """softmax(q kᵀ + bias) v per window and head, with autograd. ``rows`` (windows, N, 3 heads d): per token
+    [q | k | v], each [head][d], q multiplied by the attention scale and :data:`LOG2E`; -> (windows, N, heads d).
+    ``bias`` ((windows with one, [1,] N, N), in the units of the logits before the LOG2E factor, symmetric or
+    not) applies to the windows at positions ``bias_from`` and later within every ``period`` windows, as in
+    :func:`edt.windowed_attention`."""
+    return _WindowAttention.apply(rows, bias, bias_from, period, heads, d, lib or library())
+
+
+def reference_window_attention_rows(rows, heads: int, d: int, bias=None, bias_from: int = 0, period=None):
+    """:func:`window_attention` in PyTorch's ops (any dtype, autograd through them): what the kernel is checked
+    against."""
+    nw, n, _ = rows.shape
+    q, k, v = (t.unflatten(-1, (heads, d)).transpose(1, 2) for t in rows.split(heads * d, dim=-1))
+    logits = q @ k.transpose(-1, -2)  # base-2 units (q carries LOG2E)
+    if bias is not None:
+        period = period or nw
+        full = torch.zeros(period, n, n, dtype=rows.dtype)
+        full[bias_from:] = bias.reshape(-1, n, n).to(rows.dtype) * LOG2E
+        logits = logits + full.repeat(nw // period, 1, 1)[:, None]
+    out = torch.softmax(logits * math.log(2.0), dim=-1) @ v
+    return out.transpose(1, 2).reshape(nw, n, heads * d)
+
+
+def _train_case(gen, nw=4, n=15, heads=2, d=3, period=2, bias_from=1):
+    """Random rows, a symmetric shift-style bias (0 or -100) for the windows that take one, and an output gradient."""
+    rows = torch.randn(nw, n, 3 * heads * d, generator=gen)
+    label = torch.randint(0, 3, (period - bias_from, n), generator=gen)
+    bias = torch.where(label[:, :, None] == label[:, None, :], 0.0, -100.0)[:, None]
+    return rows, bias, torch.randn(nw, n, heads * d, generator=gen), dict(bias_from=bias_from, period=period)
+
+
+def _check_training(lib: Kernels, gen) -> None:
+    """The training kernel's output and gradient against autograd through the reference, in float64."""
+    rows, bias, grad, plan = _train_case(gen)
+    x = rows.clone().requires_grad_()
+    out = window_attention(x, 2, 3, bias, **plan, lib=lib)
+    out.backward(grad)
+    r = rows.double().requires_grad_()
+    ref = reference_window_attention_rows(r, 2, 3, bias, **plan)
+    ref.backward(grad.double())
+    err = max((out - ref).abs().max().item(), (x.grad - r.grad).abs().max().item())
+    if not err <= 1e-4:
+        raise RuntimeError(f"the built training attention kernel is off by {err:.3g} from the reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The FFN's depthwise conv + GELU with autograd, for training (cpu_dwconv.c)
+# ---------------------------------------------------------------------------------------------------------------
+
+class _DWConvGELU(torch.autograd.Function):
+    """:func:`dwconv_gelu`: keeps the input and the conv's output (before GELU) for the backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, lib):
+        B, H, W, C = h.shape
+        if tuple(weight.shape) != (C, 1, 5, 5) or tuple(bias.shape) != (C,):
+            raise ValueError(f"dwconv_gelu: a 5x5 depthwise weight of {C} channels expected, got "
+                             f"{tuple(weight.shape)}")
+        h = h.contiguous()
+        taps = weight.detach().reshape(C, 25).t().contiguous()
+        z, y = torch.empty_like(h), torch.empty_like(h)
+        rc = lib.dwconv_forward(h.data_ptr(), taps.data_ptr(), bias.detach().contiguous().data_ptr(), z.data_ptr(),
+                                y.data_ptr(), B, H, W, C, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError("edt_dwconv_gelu_fwd failed (out of memory?)")
+        ctx.save_for_backward(h, z, taps)
+        ctx.lib = lib
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        h, z, taps = ctx.saved_tensors
+        B, H, W, C = h.shape
+        gy = gy.contiguous()
+        gh, gw, gb = torch.empty_like(h), torch.empty_like(taps), h.new_empty(C)
+        rc = ctx.lib.dwconv_backward(h.data_ptr(), z.data_ptr(), gy.data_ptr(), taps.data_ptr(), gh.data_ptr(),
+                                     gw.data_ptr(), gb.data_ptr(), B, H, W, C, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError("edt_dwconv_gelu_bwd failed (out of memory?)")
+        return gh, gw.t().reshape(C, 1, 5, 5), gb, None
+
+
+def dwconv_gelu(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lib: Kernels | None = None):
+    """GELU(depthwise 5x5 conv of h, zero padding 2) with autograd; h (B, H, W, C) channels-last, weight (C, 1, 5,
+    5) and bias (C) as ``nn.Conv2d`` holds them; -> (B, H, W, C)."""
+    return _DWConvGELU.apply(h, weight, bias, lib or library())
+
+
+def reference_dwconv_gelu(h, weight, bias):
+    """:func:`dwconv_gelu` in PyTorch's ops (any dtype, autograd through them)."""
+    return F.gelu(F.conv2d(h.permute(0, 3, 1, 2), weight, bias, padding=2, groups=h.shape[-1])).permute(0, 2, 3, 1)
+
+
+def _dwconv_case(gen, shape=(2, 5, 7), C=20):
+    """A random map, weight, bias and output gradient for checking the depthwise kernel."""
+    return (torch.randn(*shape, C, generator=gen), torch.randn(C, 1, 5, 5, generator=gen) * 0.3,
+            torch.randn(C, generator=gen) * 0.3, torch.randn(*shape, C, generator=gen))
+
+
+def _check_dwconv(lib: Kernels, gen) -> None:
+    """The depthwise kernel's output and gradients against autograd through the reference, in float64."""
+    h, w, b, g = _dwconv_case(gen)
+    ins = [t.clone().requires_grad_() for t in (h, w, b)]
+    out = dwconv_gelu(*ins, lib=lib)
+    out.backward(g)
+    ref_ins = [t.double().requires_grad_() for t in (h, w, b)]
+    ref = reference_dwconv_gelu(*ref_ins)
+    ref.backward(g.double())
+    err = max([(out - ref).abs().max().item()] + [(a.grad - r.grad).abs().max().item()
+                                                  for a, r in zip(ins, ref_ins, strict=True)])
+    if not err <= 1e-4:
+        raise RuntimeError(f"the built depthwise conv kernel is off by {err:.3g} from the reference")

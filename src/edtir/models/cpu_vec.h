@@ -19,6 +19,15 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
 #define LANES 16
+
+/* this thread's number inside an OpenMP parallel region (0 without OpenMP) */
+static inline int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
 static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 static inline v16 vmax(v16 a, v16 b) {
@@ -116,6 +125,34 @@ static inline float hsum(v16 v) {
     for (int i = 0; i < LANES; i++) s += t[i];
     return s;
 #endif
+}
+
+/* GELU(x) = x Phi(x) with erf, as PyTorch's default (not the tanh form). erfc(z) = poly(t) e^(-z^2) with
+   t = 1 / (1 + p z) (Abramowitz and Stegun 7.1.26, |error| <= 1.5e-7), z = |x| / sqrt(2); then
+   GELU(x) = x - x erfc(z) / 2 for x >= 0 and x erfc(z) / 2 below zero (no cancellation on the negative side). */
+static inline v16 erfc_half(v16 x, v16 *e) { /* erfc(|x| / sqrt(2)) / 2 = Phi(-|x|); *e = e^(-x^2 / 2) */
+    const v16 z = vabs(x) * splat(0.70710678118654752f);
+    const v16 t = vrcp(splat(1.0f) + splat(0.3275911f) * z);
+    v16 p = splat(1.061405429f);
+    p = p * t + splat(-1.453152027f);
+    p = p * t + splat(1.421413741f);
+    p = p * t + splat(-0.284496736f);
+    p = p * t + splat(0.254829592f);
+    *e = vexp2(splat(-1.4426950408889634f) * z * z);
+    return splat(0.5f) * p * t * *e;
+}
+
+static inline v16 vgelu(v16 x) {
+    v16 e;
+    const v16 h = x * erfc_half(x, &e);
+    return vselect(x >= splat(0.0f), x - h, h);
+}
+
+/* GELU'(x) = Phi(x) + x phi(x), with Phi from the same erfc as vgelu (the backward of vgelu). */
+static inline v16 vgelu_grad(v16 x) {
+    v16 e;
+    const v16 q = erfc_half(x, &e);
+    return vselect(x >= splat(0.0f), splat(1.0f) - q, q) + x * e * splat(0.3989422804014327f);
 }
 
 /* Shared by the kernels, defined in cpu_ffn.c (edt_product is also timed on its own by

@@ -660,7 +660,13 @@ class AntiBlockingFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C), plus ``residual`` if given."""
-        x = linear(self.fc1, x, gelu=True).permute(0, 3, 1, 2)  # a channels-last (B, hidden, H, W) view
+        x = linear(self.fc1, x, gelu=True)
+        if _path[0] == "fast" and torch.is_grad_enabled() and cpu_kernel.serves_training(x):
+            # training on the CPU: the conv and its GELU in C, with their backward (PyTorch's conv backward here
+            # took a sixth of an EDT-T step)
+            return linear(self.fc2, cpu_kernel.dwconv_gelu(x, self.dwconv.weight, self.dwconv.bias),
+                          residual=residual)
+        x = x.permute(0, 3, 1, 2)  # a channels-last (B, hidden, H, W) view
         if x.is_cuda and x.dtype != torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
             # bf16 inference: cuDNN's channels-last depthwise kernel took 2.8x PyTorch's NCHW one (copy included)
             # on an H200; fp32, training and the CPU are faster channels-last (benchmarks/dwconv_layouts.py)
@@ -759,15 +765,21 @@ class EDTBlock(nn.Module):
         heads, d, half = a.heads, a.head_dim, C // 2
         (wh, ww), n = layout.window, layout.window[0] * layout.window[1]
         explicit = use_explicit_attention(x, d)
-        pk, pv = head_pad(x.device, d, explicit and not torch.is_grad_enabled())
-        w, b = self.qkv_weight((pk, pv), scale_q=explicit)
+        # training on the CPU: the C kernel with its own backward, on q, k and v as narrow as the heads
+        trains = explicit and torch.is_grad_enabled() and cpu_kernel.serves_training(x, d)
+        pk, pv = (d, d) if trains else head_pad(x.device, d, explicit and not torch.is_grad_enabled())
+        w, b = self.qkv_weight((pk, pv), scale_q=explicit, q_factor=cpu_kernel.LOG2E if trains else 1.0)
         qkv = linear(self.qkv, x, weight=w, bias=b)  # (B, H, W, [branch, q/k/v, head, padded dim])
         gather, scatter = layout.indices(B, self.shifted)
         width = heads * (2 * pk + pv)  # per token and branch
         rows = permute_rows(qkv.reshape(-1, width), gather, scatter).view(-1, n, width)  # (B * nW * 2, N, width)
         q, k, v = (part.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B * nW * 2, heads, N, pk or pv)
                    for part in rows.split([heads * pk, heads * pk, heads * pv], dim=-1))
-        if explicit:  # q comes pre-scaled; the mask goes to the windows that have one
+        if trains:  # (B*nW*2, N, heads * d) -> (B*nW*2, heads, N, d): a view of the kernel's output
+            out = cpu_kernel.window_attention(rows, heads, d, layout.tail_bias(q.dtype) if self.shifted else None,
+                                              layout.bias_from, layout.windows).unflatten(-1, (heads, d))
+            out = out.transpose(1, 2)
+        elif explicit:  # q comes pre-scaled; the mask goes to the windows that have one
             out = windowed_attention(q, k, v, layout.tail_bias(q.dtype) if self.shifted else None,
                                      bias_from=layout.bias_from, period=layout.windows)
         else:

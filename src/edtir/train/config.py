@@ -14,7 +14,8 @@ Layout (see ``configs/*.yaml``)::
     checkpoint: every, keep
     val:        folder, task, every, max_images
     log:        every, tensorboard
-    init:       path, tasks            (fine-tuning: start from a checkpoint, keep the body and these tasks)
+    init:       path, tasks, body      (fine-tuning: start from a checkpoint, keep the body and these tasks;
+                                        body: then take the body alone from another checkpoint)
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class LogConfig:
 class InitConfig:
     path: str | None = None  # edtir .safetensors or official .pth
     tasks: list[str] | None = None  # heads/tails to keep; None: every task of the model found in the file
+    body: str | None = None  # then the body alone from this checkpoint (a better-trained body under path's heads)
 
 
 @dataclass
@@ -349,6 +351,8 @@ def _check(cfg: Config) -> Config:
                 raise ConfigError(f"init.tasks[{i}]: {task!r} is not in model.tasks")
         if cfg.init.path is None:
             raise ConfigError("init.tasks: given without init.path")
+    if cfg.init.body is not None and cfg.init.path is None:
+        raise ConfigError("init.body: given without init.path (which gives the heads and tails)")
     return cfg
 
 

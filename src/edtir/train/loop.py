@@ -230,6 +230,8 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
     init_report = None
     if found is None and cfg.init.path:
         init_report = load_partial(model, cfg.init.path, cfg.init.tasks)
+        if cfg.init.body:  # the heads and tails stay path's
+            load_partial(model, cfg.init.body, [])
     params = list(model.parameters())
     optimizer = torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=t.milestones, gamma=t.gamma)
@@ -272,7 +274,7 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
                         f"{', '.join(cfg.init.tasks or model.tasks)}); dropped {len(init_report.dropped)} "
                         f"({', '.join(sorted({k.split('.')[0] for k in init_report.dropped})) or 'none'}); "
                         f"{len(init_report.mismatched)} of another shape and {len(init_report.missing)} missing "
-                        f"left as initialised")
+                        f"left as initialised" + (f"; then the body from {cfg.init.body}" if cfg.init.body else ""))
 
         model.train()
         t0, last_step = time.perf_counter(), start
