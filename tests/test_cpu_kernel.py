@@ -385,3 +385,27 @@ def test_a_miscompiled_depthwise_kernel_is_not_used():
 
     with pytest.raises(RuntimeError, match="depthwise conv kernel is off by"):
         cpu_kernel._check(good._replace(dwconv_backward=zero_weight_gradient))
+
+
+@built
+def test_a_hooked_depthwise_conv_is_still_called_in_training(monkeypatch):
+    """The depthwise kernel skips the conv module's call: with a hook on the module, training takes PyTorch's
+    conv (and the hook sees it), with the same gradients."""
+    calls, seen = [], []
+    real = cpu_kernel.dwconv_gelu
+    monkeypatch.setattr(cpu_kernel, "dwconv_gelu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = sharpen(small_t(("sr-x2",))).train()
+    x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(6))
+    model(x).mean().backward()
+    assert calls
+    conv = model.body.layers[0].residual_group.blocks[0].mlp.dwconv
+    want = conv.weight.grad.clone()
+    model.zero_grad()
+    n = len(calls)
+    handle = conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        model(x).mean().backward()
+    finally:
+        handle.remove()
+    assert seen and len(calls) - n == n - 1  # every block's conv but the hooked one went through the kernel
+    assert (conv.weight.grad - want).abs().max() <= TOL * want.abs().max()

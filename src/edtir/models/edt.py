@@ -661,7 +661,8 @@ class AntiBlockingFFN(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C), plus ``residual`` if given."""
         x = linear(self.fc1, x, gelu=True)
-        if _path[0] == "fast" and torch.is_grad_enabled() and cpu_kernel.serves_training(x):
+        if (_path[0] == "fast" and torch.is_grad_enabled() and cpu_kernel.serves_training(x)
+                and not watched(self.dwconv)):
             # training on the CPU: the conv and its GELU in C, with their backward (PyTorch's conv backward here
             # took a sixth of an EDT-T step)
             return linear(self.fc2, cpu_kernel.dwconv_gelu(x, self.dwconv.weight, self.dwconv.bias),
@@ -678,6 +679,14 @@ class AntiBlockingFFN(nn.Module):
         else:
             x = F.gelu(self.dwconv(x))
         return linear(self.fc2, x.permute(0, 2, 3, 1), residual=residual)
+
+
+def watched(module: nn.Module) -> bool:
+    """Whether forward hooks watch ``module`` (its own, or global ones): a kernel must not skip its call then."""
+    from torch.nn.modules import module as M
+
+    return bool(M._global_forward_hooks or M._global_forward_pre_hooks or module._forward_hooks
+                or module._forward_pre_hooks)
 
 
 class DropPath(nn.Module):
@@ -827,11 +836,7 @@ class EDTBlock(nn.Module):
         """Whether forward hooks watch a layer inside the block (or every module, global hooks): the fused paths do
         not call the layers one by one, so a watched block takes the op-by-op path (feature capture for CKA hooks
         ``norm2``, for instance)."""
-        from torch.nn.modules import module as M
-
-        if M._global_forward_hooks or M._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
+        return any(watched(m) for m in self.modules() if m is not self)
 
     def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         """The fast path for fp32 inference on the CPU with the C kernels of :mod:`cpu_kernel`: the norm, the qkv
