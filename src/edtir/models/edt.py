@@ -199,8 +199,9 @@ def head_pad(device: torch.device, head_dim: int, explicit: bool = False) -> tup
     takes a third less time at 16 than at 15, EDT-T's a little less at 16 than at 5. In inference the CPU's
     explicit attention (:func:`windowed_attention`, ``explicit``) pads EDT-T's q and k to 8 only: ``q kᵀ`` over 8
     takes 0.6 of the time over 16, while ``softmax · v`` wants v 16 wide (2.5x faster than 8), and the qkv
-    projection comes out a third narrower. (Training keeps 16: its backward forms dq and dk, products as narrow
-    as q and k.) Zero columns change no logit and no output; they come out of the qkv projection (see
+    projection comes out a third narrower. (Training without the C kernels keeps 16: its backward forms dq and dk,
+    products as narrow as q and k; the CPU's training kernel takes them unpadded, see
+    :meth:`EDTBlock.attention_fast`.) Zero columns change no logit and no output; they come out of the qkv projection (see
     :meth:`EDTBlock.qkv_weight`)."""
     if device.type == "cpu" and head_dim <= 16:
         return (8, 16) if explicit and head_dim <= 8 else (16, 16)
