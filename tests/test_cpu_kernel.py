@@ -409,3 +409,15 @@ def test_a_hooked_depthwise_conv_is_still_called_in_training(monkeypatch):
         handle.remove()
     assert seen and len(calls) - n == n - 1  # every block's conv but the hooked one went through the kernel
     assert (conv.weight.grad - want).abs().max() <= TOL * want.abs().max()
+
+
+@built
+def test_loading_the_library_leaves_the_random_stream_alone(monkeypatch):
+    """Training loads the library at its first step (after seeding): the check on load must not draw from the
+    global generator, or a resumed run (which loads it again) would not repeat the uninterrupted one."""
+    monkeypatch.setattr(cpu_kernel, "_state", {"lib": None, "error": None, "path": None})
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    assert cpu_kernel.library() is not None
+    assert torch.equal(torch.rand(3), want)

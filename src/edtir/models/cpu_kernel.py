@@ -139,7 +139,8 @@ def _load() -> Kernels:
     dw_bwd.argtypes = [ptr] * 7 + [i32] * 5
     _state["path"] = path
     kernels = Kernels(attention, ffn, fwd, bwd, dw_fwd, dw_bwd)
-    _check(kernels)
+    with torch.random.fork_rng(devices=[]):  # loaded mid-training: the check must not move the run's random stream
+        _check(kernels)
     return kernels
 
 
