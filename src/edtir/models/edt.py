@@ -201,8 +201,8 @@ def head_pad(device: torch.device, head_dim: int, explicit: bool = False) -> tup
     takes 0.6 of the time over 16, while ``softmax · v`` wants v 16 wide (2.5x faster than 8), and the qkv
     projection comes out a third narrower. (Training without the C kernels keeps 16: its backward forms dq and dk,
     products as narrow as q and k; the CPU's training kernel takes them unpadded, see
-    :meth:`EDTBlock.attention_fast`.) Zero columns change no logit and no output; they come out of the qkv projection (see
-    :meth:`EDTBlock.qkv_weight`)."""
+    :meth:`EDTBlock.attention_fast`.) Zero columns change no logit and no output; they come out of the qkv
+    projection (see :meth:`EDTBlock.qkv_weight`)."""
     if device.type == "cpu" and head_dim <= 16:
         return (8, 16) if explicit and head_dim <= 8 else (16, 16)
     pad = -(-head_dim // 8) * 8
