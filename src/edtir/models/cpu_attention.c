@@ -53,7 +53,7 @@ typedef struct {
    labels; returns whether the window mixes regions (then it takes the mask). */
 static int window_tokens(int64_t pix0, int H, int W, int wr, int wc, int A, int B, int sr, int sc, int shifted,
                          Scratch *S) {
-    const int N = A * B, NQ = (N + LANES - 1) / LANES * LANES;
+    const int N = A * B, NQ = whole_lanes(N);
     int mixed = 0;
     for (int a = 0, t = 0; a < A; a++) {
         const int i = wr * A + a; /* row in the rolled map */
@@ -77,7 +77,7 @@ static int window_tokens(int64_t pix0, int H, int W, int wr, int wc, int A, int 
    vectors of q and of the output stay in registers. */
 static inline __attribute__((always_inline)) void softmax_v(int N, int mixed, const int D, const float *k,
                                                             const float *v, int ks, Scratch *S) {
-    const int NQ = (N + LANES - 1) / LANES * LANES;
+    const int NQ = whole_lanes(N);
     for (int q0 = 0; q0 < NQ; q0 += LANES) {
         v16 q[16], o[16]; /* D of each used */
         for (int c = 0; c < D; c++) q[c] = vload(S->qT + c * NQ + q0);
@@ -125,7 +125,7 @@ static void lepe(const float *restrict wk, const float *restrict bk, int A, int 
             memcpy(S->img + ((int64_t)(a + 1) * R + b + 1) * hd, S->qkv + (int64_t)(a * B + b) * ks + 2 * hd,
                    sizeof(float) * hd);
     for (int c = 0; c < hd; c += LANES) {
-        const int n = hd - c < LANES ? hd - c : LANES;
+        const int n = lanes_at(hd, c);
         v16 w[9];
         for (int i = 0; i < 9; i++) w[i] = vload_n(wk + i * hd + c, n);
         const v16 bv = vload_n(bk + c, n);
@@ -146,8 +146,8 @@ int edt_block_attention(const float *x, float *out, const float *ln_g, const flo
                         const float *qkv_p, const float *qkv_b, const float *lepe_w, const float *lepe_b, int batch,
                         int H, int W, int C, int wh, int ww, int s0, int s1, int heads, int d, int threads) {
     if (d < 1 || d > 16 || H % wh || W % ww || H % ww || W % wh || threads < 1 || C < 1 || heads < 1) return -1;
-    const int N = wh * ww, NQ = (N + LANES - 1) / LANES * LANES, hd = heads * d;
-    const int64_t wsize = (int64_t)C * ((3 * hd + LANES - 1) / LANES * LANES); /* one branch's packed weight */
+    const int N = wh * ww, NQ = whole_lanes(N), hd = heads * d;
+    const int64_t wsize = (int64_t)C * whole_lanes(3 * hd); /* one branch's packed weight */
     const int nwin = (H / wh) * (W / ww); /* per image and branch: the same for both */
     const int64_t tasks = (int64_t)batch * nwin * 2;
     const int shifted = s0 != 0 || s1 != 0;

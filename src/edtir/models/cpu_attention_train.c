@@ -44,7 +44,7 @@ static inline const float *window_bias(const float *bias, int64_t w, int bias_fr
 /* One head of one window, forward: oT and lse for its queries, 16 at a time. */
 static inline __attribute__((always_inline)) void forward_head(int N, const int D, const float *k, const float *v,
                                                                int ks, const float *bq, Scratch *S) {
-    const int NQ = (N + LANES - 1) / LANES * LANES;
+    const int NQ = whole_lanes(N);
     for (int q0 = 0; q0 < NQ; q0 += LANES) {
         v16 q[16], o[16];
         for (int c = 0; c < D; c++) q[c] = vload(S->qT + c * NQ + q0);
@@ -77,7 +77,7 @@ static inline __attribute__((always_inline)) void forward_head(int N, const int 
 /* Pass A: dq (into dqT, times ln 2) for all queries, lanes over queries; qT holds q, oT holds dO, dd holds D. */
 static inline __attribute__((always_inline)) void backward_queries(int N, const int D, const float *k, const float *v,
                                                                    int ks, const float *bq, Scratch *S) {
-    const int NQ = (N + LANES - 1) / LANES * LANES;
+    const int NQ = whole_lanes(N);
     for (int q0 = 0; q0 < NQ; q0 += LANES) {
         v16 q[16], g[16], dq[16];
         for (int c = 0; c < D; c++) {
@@ -104,7 +104,7 @@ static inline __attribute__((always_inline)) void backward_queries(int N, const 
 /* Pass B: dk and dv (into kT and vT, dk times ln 2) for all keys, lanes over keys; q and dO read row-wise. */
 static inline __attribute__((always_inline)) void backward_keys(int N, const int D, const float *q, int qs,
                                                                 const float *g, int gs, const float *bk, Scratch *S) {
-    const int NQ = (N + LANES - 1) / LANES * LANES;
+    const int NQ = whole_lanes(N);
     for (int k0 = 0; k0 < NQ; k0 += LANES) {
         v16 k[16], v[16], dk[16], dv[16];
         for (int c = 0; c < D; c++) {
@@ -168,12 +168,12 @@ static void keys_any(int N, int D, const float *q, int qs, const float *g, int g
 
 /* (floats of one thread's scratch, or 0 for arguments it does not take) */
 static size_t scratch_floats(int N, int d) {
-    const size_t NQ = (size_t)(N + LANES - 1) / LANES * LANES;
+    const size_t NQ = (size_t)whole_lanes(N);
     return (4 * (size_t)d * NQ + 2 * NQ + (size_t)N * LANES + 15) / 16 * 16;
 }
 
 static void scratch_at(float *base, int N, int d, Scratch *S) {
-    const int NQ = (N + LANES - 1) / LANES * LANES;
+    const int NQ = whole_lanes(N);
     S->s = (v16 *)base; /* first: 64-byte aligned */
     S->qT = base + (size_t)N * LANES;
     S->oT = S->qT + (size_t)d * NQ;
@@ -185,7 +185,7 @@ static void scratch_at(float *base, int N, int d, Scratch *S) {
 
 /* columns [col, col + d) of N rows of stride rs into cT (d, NQ), zeros beyond N */
 static void transpose_in(const float *src, int64_t rs, int N, int d, float *cT) {
-    const int NQ = (N + LANES - 1) / LANES * LANES;
+    const int NQ = whole_lanes(N);
     for (int c = 0; c < d; c++) {
         for (int t = 0; t < N; t++) cT[c * NQ + t] = src[t * rs + c];
         for (int t = N; t < NQ; t++) cT[c * NQ + t] = 0.0f;
@@ -193,7 +193,7 @@ static void transpose_in(const float *src, int64_t rs, int N, int d, float *cT) 
 }
 
 static void transpose_out(const float *cT, int N, int d, float *dst, int64_t rs) {
-    const int NQ = (N + LANES - 1) / LANES * LANES;
+    const int NQ = whole_lanes(N);
     for (int t = 0; t < N; t++)
         for (int c = 0; c < d; c++) dst[t * rs + c] = cT[c * NQ + t];
 }
@@ -201,7 +201,7 @@ static void transpose_out(const float *cT, int N, int d, float *dst, int64_t rs)
 /* One (window, head) of the forward: its output rows and its queries' lse. */
 static void forward_task(const float *rows, float *out, float *lse, const float *bias_q, int bias_from, int period,
                          int64_t task, int N, int heads, int d, Scratch *S) {
-    const int NQ = (N + LANES - 1) / LANES * LANES, hd = heads * d, ks = 3 * hd;
+    const int NQ = whole_lanes(N), hd = heads * d, ks = 3 * hd;
     const int64_t w = task / heads;
     const int h = (int)(task % heads);
     const float *r = rows + w * N * ks;
@@ -215,7 +215,7 @@ static void forward_task(const float *rows, float *out, float *lse, const float 
 static void backward_task(const float *rows, const float *out, const float *d_out, const float *lse,
                           const float *bias_q, const float *bias_k, int bias_from, int period, float *d_rows,
                           int64_t task, int N, int heads, int d, Scratch *S) {
-    const int NQ = (N + LANES - 1) / LANES * LANES, hd = heads * d, ks = 3 * hd;
+    const int NQ = whole_lanes(N), hd = heads * d, ks = 3 * hd;
     const int64_t w = task / heads;
     const int h = (int)(task % heads);
     const float *r = rows + w * N * ks, *o = out + w * N * hd + h * d, *g = d_out + w * N * hd + h * d;

@@ -16,7 +16,7 @@
 
 /* The (H + 4) x (W + 4) tile of channel vector c of one image, zero border; GELU' times gy when gy is given. */
 static void fill_tile(const float *src, const float *gy, int H, int W, int C, int c, v16 *tile) {
-    const int R = W + 4, n = C - c < LANES ? C - c : LANES;
+    const int R = W + 4, n = lanes_at(C, c);
     memset(tile, 0, sizeof(v16) * (size_t)(H + 4) * R);
     for (int y = 0; y < H; y++)
         for (int x = 0; x < W; x++) {
@@ -31,7 +31,7 @@ static void fill_tile(const float *src, const float *gy, int H, int W, int C, in
    backward (flip 1) tile[y + 4 - i, x + 4 - j]. */
 static inline void conv_tile(const v16 *tile, const v16 *wt, int H, int W, int flip, v16 bias, float *out, int C,
                              int c, int gelu, float *z) {
-    const int R = W + 4, n = C - c < LANES ? C - c : LANES;
+    const int R = W + 4, n = lanes_at(C, c);
     v16 w[25];
     for (int t = 0; t < 25; t++) w[t] = wt[flip ? 24 - t : t];
     for (int y = 0; y < H; y++)
@@ -46,11 +46,11 @@ static inline void conv_tile(const v16 *tile, const v16 *wt, int H, int W, int f
         }
 }
 
-static int vectors(int C) { return (C + LANES - 1) / LANES; }
+static int vectors(int C) { return whole_lanes(C) / LANES; }
 
 /* (the weight as 25 vectors of channel vector c) */
 static void taps(const float *w, int C, int c, v16 *wt) {
-    const int n = C - c < LANES ? C - c : LANES;
+    const int n = lanes_at(C, c);
     for (int t = 0; t < 25; t++) wt[t] = vload_n(w + (int64_t)t * C + c, n);
 }
 
@@ -68,7 +68,7 @@ int edt_dwconv_gelu_fwd(const float *h, const float *w, const float *b, float *z
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < (int64_t)B * nv; task++) {
             const int64_t img = task / nv;
-            const int c = (int)(task % nv) * LANES, n = C - c < LANES ? C - c : LANES;
+            const int c = (int)(task % nv) * LANES, n = lanes_at(C, c);
             const int64_t off = img * H * W * C;
             v16 wt[25];
             taps(w, C, c, wt);
@@ -122,7 +122,7 @@ int edt_dwconv_gelu_bwd(const float *h, const float *z, const float *gy, const f
         }
     }
     for (int v = 0; v < nv; v++) { /* the images' parts summed in a fixed order: the same result for any threads */
-        const int c = v * LANES, n = C - c < LANES ? C - c : LANES;
+        const int c = v * LANES, n = lanes_at(C, c);
         for (int k = 0; k < 26; k++) {
             v16 s = splat(0.0f);
             for (int64_t img = 0; img < B; img++) s += part[(img * nv + v) * 26 + k];

@@ -48,7 +48,7 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
         }
     }
     for (int v = 0; v < NV_ && n0 + v * LANES < N; v++) {
-        const int c = n0 + v * LANES, n = N - c < LANES ? N - c : LANES;
+        const int c = n0 + v * LANES, n = lanes_at(N, c);
         const v16 bv = vload_n(b + c, n);
         for (int r = 0; r < MR_; r++) {
             v16 o = acc[r][v] + bv;

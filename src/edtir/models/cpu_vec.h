@@ -20,6 +20,12 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 
 #define LANES 16
 
+/* n rounded up to whole vectors */
+static inline int whole_lanes(int n) { return (n + LANES - 1) / LANES * LANES; }
+
+/* how many lanes of the vector that starts at index `at` hold one of n values (1 to 16) */
+static inline int lanes_at(int n, int at) { return n - at < LANES ? n - at : LANES; }
+
 /* this thread's number inside an OpenMP parallel region (0 without OpenMP) */
 static inline int thread_id(void) {
 #ifdef _OPENMP
@@ -28,6 +34,7 @@ static inline int thread_id(void) {
     return 0;
 #endif
 }
+
 static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 static inline v16 vmax(v16 a, v16 b) {
