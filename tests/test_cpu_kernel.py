@@ -292,18 +292,15 @@ def test_training_attention_equals_reference(case, threads):
                                                    bias_from or 0)
     if bias_from is None:
         bias = None
-    x = rows.clone().requires_grad_()
     with torch_threads(threads):
-        out = cpu_kernel.window_attention(x, heads, d, bias, **plan)
-        out.backward(grad)
-    r = rows.double().requires_grad_()
-    ref = cpu_kernel.reference_window_attention_rows(r, heads, d, bias, **plan)
-    ref.backward(grad.double())
+        out, ref, [(got, want)] = cpu_kernel.against_reference(
+            lambda x: cpu_kernel.window_attention(x, heads, d, bias, **plan),
+            lambda x: cpu_kernel.reference_window_attention_rows(x, heads, d, bias, **plan), [rows], grad)
     assert out.shape == (nw, n, heads * d)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert (x.grad - r.grad).abs().max() <= 1e-5 * r.grad.abs().max()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     if bias is not None:  # the bias did count
-        assert (ref - cpu_kernel.reference_window_attention_rows(r, heads, d)).abs().max() > 0.1
+        assert (ref - cpu_kernel.reference_window_attention_rows(rows.double(), heads, d)).abs().max() > 0.1
 
 
 @contextlib.contextmanager
@@ -361,16 +358,12 @@ def test_depthwise_training_kernel_equals_reference(shape, C, threads):
     """GELU(5x5 depthwise conv) and its gradients (input, weight, bias) against autograd through PyTorch's conv in
     float64: EDT-T's hidden width, single rows and maps smaller than the kernel, widths not multiples of 16."""
     h, w, b, g = cpu_kernel._dwconv_case(torch.Generator().manual_seed(C), shape, C)
-    ins = [t.clone().requires_grad_() for t in (h, w, b)]
     with torch_threads(threads):
-        out = cpu_kernel.dwconv_gelu(*ins)
-        out.backward(g)
-    ref_ins = [t.double().requires_grad_() for t in (h, w, b)]
-    ref = cpu_kernel.reference_dwconv_gelu(*ref_ins)
-    ref.backward(g.double())
+        out, ref, grads = cpu_kernel.against_reference(cpu_kernel.dwconv_gelu, cpu_kernel.reference_dwconv_gelu,
+                                                       [h, w, b], g)
     assert out.shape == h.shape and (out - ref).abs().max() <= 1e-5 * ref.abs().max()
-    for name, a, r in zip(("input", "weight", "bias"), ins, ref_ins, strict=True):
-        assert (a.grad - r.grad).abs().max() <= 1e-5 * r.grad.abs().max(), name
+    for name, (got, want) in zip(("input", "weight", "bias"), grads, strict=True):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
 
 
 @built

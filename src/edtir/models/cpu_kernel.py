@@ -183,9 +183,19 @@ def serves_training(x: torch.Tensor, head_dim: int = 0) -> bool:
 PANEL = 64
 
 
+def _lanes(n: int) -> int:
+    """n rounded up to whole vectors of 16 floats."""
+    return -(-n // 16) * 16
+
+
+def _ptr(t: torch.Tensor | None):
+    """A tensor's address for the kernels, None (NULL) for no tensor."""
+    return None if t is None else t.data_ptr()
+
+
 def packed_numel(n: int, k: int) -> int:
     """The floats :func:`panels` makes of an (n, k) weight: k rows of n columns rounded up to whole vectors of 16."""
-    return k * -(-n // 16) * 16
+    return k * _lanes(n)
 
 
 def panels(weight: torch.Tensor) -> torch.Tensor:
@@ -381,10 +391,6 @@ def _ffn_case(gen, shape, C, hidden):
 # Window attention with autograd, for training (cpu_attention_train.c)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _lanes(n: int) -> int:
-    return -(-n // 16) * 16
-
-
 def _bias_pair(bias: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A (rows, [1,] N, N) bias in e-units as the kernel reads it: in base-2 units, key-major and query-major, the
     last axis padded to whole vectors."""
@@ -406,8 +412,7 @@ class _WindowAttention(torch.autograd.Function):
         out = rows.new_empty(nw, n, heads * d)
         lse = rows.new_empty(nw, heads, _lanes(n))
         bq, bk = _bias_pair(bias, n) if bias is not None else (None, None)
-        ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
-        rc = lib.train_forward(rows.data_ptr(), out.data_ptr(), lse.data_ptr(), ptr(bq), bias_from,
+        rc = lib.train_forward(rows.data_ptr(), out.data_ptr(), lse.data_ptr(), _ptr(bq), bias_from,
                                      period or nw, nw, n, heads, d, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError("edt_window_attention_fwd failed (out of memory?)")
@@ -422,9 +427,8 @@ class _WindowAttention(torch.autograd.Function):
         d_out = d_out.contiguous()
         d_rows = torch.empty_like(rows)
         nw, n, _ = rows.shape
-        ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
-        rc = lib.train_backward(rows.data_ptr(), out.data_ptr(), d_out.data_ptr(), lse.data_ptr(), ptr(bq),
-                                      ptr(bk), bias_from, period, d_rows.data_ptr(), nw, n, heads, d,
+        rc = lib.train_backward(rows.data_ptr(), out.data_ptr(), d_out.data_ptr(), lse.data_ptr(), _ptr(bq),
+                                      _ptr(bk), bias_from, period, d_rows.data_ptr(), nw, n, heads, d,
                                       torch.get_num_threads())
         if rc != 0:
             raise RuntimeError("edt_window_attention_bwd failed (out of memory?)")
@@ -464,16 +468,29 @@ def _train_case(gen, nw=4, n=15, heads=2, d=3, period=2, bias_from=1):
     return rows, bias, torch.randn(nw, n, heads * d, generator=gen), dict(bias_from=bias_from, period=period)
 
 
+def against_reference(kernel, reference, inputs, grad):
+    """A training kernel beside its reference: ``kernel`` on float32 copies of ``inputs``, ``reference`` on float64
+    ones, each followed by a backward pass from ``grad``. Returns (output, the reference's output, [(gradient,
+    the reference's gradient) for each input])."""
+    ours = [t.detach().float().clone().requires_grad_() for t in inputs]
+    theirs = [t.detach().double().requires_grad_() for t in inputs]
+    out = kernel(*ours)
+    out.backward(grad.float())
+    ref = reference(*theirs)
+    ref.backward(grad.double())
+    return out, ref, [(a.grad, r.grad) for a, r in zip(ours, theirs, strict=True)]
+
+
+def _max_error(out, ref, grads) -> float:
+    return max((a - b).abs().max().item() for a, b in [(out, ref), *grads])
+
+
 def _check_training(lib: Kernels, gen) -> None:
     """The training kernel's output and gradient against autograd through the reference, in float64."""
     rows, bias, grad, plan = _train_case(gen)
-    x = rows.clone().requires_grad_()
-    out = window_attention(x, 2, 3, bias, **plan, lib=lib)
-    out.backward(grad)
-    r = rows.double().requires_grad_()
-    ref = reference_window_attention_rows(r, 2, 3, bias, **plan)
-    ref.backward(grad.double())
-    err = max((out - ref).abs().max().item(), (x.grad - r.grad).abs().max().item())
+    err = _max_error(*against_reference(lambda x: window_attention(x, 2, 3, bias, **plan, lib=lib),
+                                        lambda x: reference_window_attention_rows(x, 2, 3, bias, **plan),
+                                        [rows], grad))
     if not err <= 1e-4:
         raise RuntimeError(f"the built training attention kernel is off by {err:.3g} from the reference")
 
@@ -535,13 +552,6 @@ def _dwconv_case(gen, shape=(2, 5, 7), C=20):
 def _check_dwconv(lib: Kernels, gen) -> None:
     """The depthwise kernel's output and gradients against autograd through the reference, in float64."""
     h, w, b, g = _dwconv_case(gen)
-    ins = [t.clone().requires_grad_() for t in (h, w, b)]
-    out = dwconv_gelu(*ins, lib=lib)
-    out.backward(g)
-    ref_ins = [t.double().requires_grad_() for t in (h, w, b)]
-    ref = reference_dwconv_gelu(*ref_ins)
-    ref.backward(g.double())
-    err = max([(out - ref).abs().max().item()] + [(a.grad - r.grad).abs().max().item()
-                                                  for a, r in zip(ins, ref_ins, strict=True)])
+    err = _max_error(*against_reference(lambda *t: dwconv_gelu(*t, lib=lib), reference_dwconv_gelu, [h, w, b], g))
     if not err <= 1e-4:
         raise RuntimeError(f"the built depthwise conv kernel is off by {err:.3g} from the reference")
