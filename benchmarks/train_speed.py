@@ -12,7 +12,6 @@ For reference, the official code trains EDT-B x2 at batch 32, patch 48 at about 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import sys
 import time
@@ -23,17 +22,6 @@ import torch
 MODES = {"C kernel": (True, True), "explicit": (False, True), "fused": (False, False)}
 
 
-@contextlib.contextmanager
-def explicit_attention(on: bool):
-    import edtir.models.edt as E
-
-    old, E.CPU_EXPLICIT_ATTENTION = E.CPU_EXPLICIT_ATTENTION, on
-    try:
-        yield
-    finally:
-        E.CPU_EXPLICIT_ATTENTION = old
-
-
 def bench(size: str, task: str, batch: int, patch: int, device: torch.device, bf16: bool, warmup: int,
           steps: int, drop_path: float, compare: bool = False) -> dict:
     """``compare``: alternate steps between the attentions of :data:`MODES` (same model, same batch) and report
@@ -41,7 +29,7 @@ def bench(size: str, task: str, batch: int, patch: int, device: torch.device, bf
     import statistics
 
     from edtir.models import cpu_kernel
-    from edtir.models.edt import build_model
+    from edtir.models.edt import build_model, explicit_attention
     from edtir.train.loop import MultiTaskStep, train_step
 
     torch.manual_seed(0)

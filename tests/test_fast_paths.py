@@ -179,7 +179,7 @@ def test_every_head_dim_padding_equals_reference(rule, monkeypatch, pytorch_path
             "q and k 8, v 16": lambda device, d, explicit=False: (max(8, d), 16)}
     monkeypatch.setattr(edt, "head_pad", pads[rule])
     for explicit in (True, False) if rule != "q and k 8, v 16" else (True,):
-        monkeypatch.setattr(edt, "CPU_EXPLICIT_ATTENTION", explicit)
+        monkeypatch.setattr(edt.explicit_attention, "on", explicit)
         for make in (small_t, small_b):
             model = sharpen(make()).eval()
             fast, ref = both_paths(model, torch.rand(2, 3, 24, 48))
@@ -323,11 +323,8 @@ def test_explicit_attention_is_chosen_for_cpu_fp32(pytorch_path):
     img = torch.rand(1, 3, 48, 72)
     with torch.no_grad():
         explicit = model(img)
-        old, edt.CPU_EXPLICIT_ATTENTION = edt.CPU_EXPLICIT_ATTENTION, False
-        try:
+        with edt.explicit_attention(False):
             fused = model(img)
-        finally:
-            edt.CPU_EXPLICIT_ATTENTION = old
         with edt.attention_mode("reference"):
             ref = model(img)
     assert (explicit - ref).abs().max() <= 1e-5 and (fused - ref).abs().max() <= 1e-5

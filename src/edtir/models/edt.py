@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernel, kernels
+from .switch import Switch
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tasks and sizes
@@ -210,9 +211,9 @@ def head_pad(device: torch.device, head_dim: int, explicit: bool = False) -> tup
 
 
 #: CPU fp32 inference computes attention explicitly, a few windows at a time (:func:`windowed_attention`);
-#: False (or EDTIR_CPU_EXPLICIT_ATTENTION=0) sends it to the flash kernel as everywhere else.
-#: ``benchmarks/cpu_attention.py`` measures both.
-CPU_EXPLICIT_ATTENTION = os.environ.get("EDTIR_CPU_EXPLICIT_ATTENTION", "1") != "0"
+#: EDTIR_CPU_EXPLICIT_ATTENTION=0 in the environment (or ``with explicit_attention(False):``) sends it to the flash
+#: kernel as everywhere else. ``benchmarks/cpu_attention.py`` measures both.
+explicit_attention = Switch("EDTIR_CPU_EXPLICIT_ATTENTION")
 #: the largest head dim that goes the explicit way (EDT's are 5, 10 and 15; see :func:`head_pad` for their padding)
 EXPLICIT_MAX_HEAD_DIM = 16
 #: window-heads per chunk of :func:`windowed_attention`: their logits (32 x 144 x 144 fp32, 2.5 MiB) stay in cache
@@ -222,7 +223,7 @@ ATTENTION_CHUNK = 32
 def use_explicit_attention(x: torch.Tensor, head_dim: int) -> bool:
     """CPU, float32 (no autocast), not exporting: inference and training (whose backward recomputes the
     probabilities chunk by chunk, :class:`_WindowedAttentionGrad`)."""
-    return (CPU_EXPLICIT_ATTENTION and head_dim <= EXPLICIT_MAX_HEAD_DIM and x.device.type == "cpu"
+    return (explicit_attention.on and head_dim <= EXPLICIT_MAX_HEAD_DIM and x.device.type == "cpu"
             and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and not exporting())
 
 
