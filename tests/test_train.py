@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from edtir.errors import CheckpointError
 from edtir.models.checkpoint import load_model, save_model
 from edtir.models.edt import build_model
 from edtir.train.config import LOSSES, config_from_dict
@@ -160,6 +161,29 @@ def test_finetune_takes_the_body_from_init_body(tmp_path, capfd):
     assert not torch.equal(b["body.conv_after_body.weight"], h["body.conv_after_body.weight"])
     for k, v in got.items():
         assert torch.equal(v, (h if k.startswith(("head_", "tail_")) else b)[k]), k
+
+
+@needs_t91
+def test_finetune_starts_a_task_from_another_tasks_head(tmp_path, capfd):
+    """init.heads_from: denoise-15 and denoise-50 both start from the file's denoise-25 head and tail."""
+    torch.manual_seed(4)
+    source = build_model("T", ["denoise-25", "sr-x2"])
+    save_model(source, tmp_path / "dn25.safetensors")
+    raw = raw_config(("denoise-15", "denoise-50"), train={"iterations": 0, "lr": 1e-5, "milestones": []})
+    raw["init"] = {"path": str(tmp_path / "dn25.safetensors"),
+                   "heads_from": {"denoise-15": "denoise-25", "denoise-50": "denoise-25"}}
+    got = tensors(train(config_from_dict(raw), tmp_path / "ft", progress=False))
+    err = capfd.readouterr().err
+    assert "denoise-15 from the file's denoise-25" in err and "0 missing" in err
+    want = source.state_dict()
+    assert {k.split(".")[0] for k in got if not k.startswith("body.")} == {
+        "head_dn_g15", "tail_dn_g15", "head_dn_g50", "tail_dn_g50"}
+    for k, v in got.items():
+        src = k.replace("_dn_g15.", "_dn_g25.").replace("_dn_g50.", "_dn_g25.")
+        assert torch.equal(v, want[src]), k
+    raw["init"]["heads_from"] = {"denoise-15": "derain-light"}  # a task the file does not have
+    with pytest.raises(CheckpointError, match="has no derain-light head to start from .it has: denoise-25, sr-x2"):
+        train(config_from_dict(raw), tmp_path / "ft2", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,17 @@ def test_semantic_checks():
         config_from_dict(base(init={"path": "m.safetensors", "tasks": ["sr-x3"]}))
     with pytest.raises(ConfigError, match="init.body: given without init.path"):
         config_from_dict(base(init={"body": "m.safetensors"}))
+    with pytest.raises(ConfigError, match="init.heads_from: given without init.path"):
+        config_from_dict(base(init={"heads_from": {"sr-x2": "sr-x4"}}))
+    for heads_from, msg in (({"sr-x3": "sr-x2"}, "init.heads_from.sr-x3: 'sr-x3' is not in model.tasks"),
+                            ({"sr-x2": "sr-x5"}, "init.heads_from.sr-x2: unknown task 'sr-x5'"),
+                            ({"sr-x2": "denoise-25"}, "init.heads_from.sr-x2: denoise-25's head and tail do not "
+                                                      "fit sr-x2"),
+                            ({"sr-x2": 4}, "init.heads_from.sr-x2: expected a string")):
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict(base(init={"path": "m.safetensors", "heads_from": heads_from}))
+    assert config_from_dict(base(init={"path": "m.safetensors", "heads_from": {"sr-x2": "sr-x4"}})
+                            ).init.heads_from == {"sr-x2": "sr-x4"}
     rain = {"model": {"size": "T", "tasks": ["derain-light"]},
             "data": {"derain-light": {"folders": ["x"], "patch": 96, "rain": "light-wide"}}}
     assert rain_of(config_from_dict(rain), "derain-light") == "light-wide"

@@ -316,10 +316,13 @@ def load_model(path_or_state_dict, *, tasks=None, window_size=None, heads=None, 
     return model.to(device).eval()
 
 
-def load_partial(model: EDT, path_or_state_dict, tasks=None) -> LoadReport:
+def load_partial(model: EDT, path_or_state_dict, tasks=None, heads_from=None) -> LoadReport:
     """Fine-tuning start: load the body and the named tasks' heads/tails (default: the model's tasks) from a
     checkpoint into ``model``. Tensors of another shape in a head/tail are skipped and reported (the official
-    EDT-T multi-task file has another upsampler than the EDT-T fine-tuning models); the body must fit."""
+    EDT-T multi-task file has another upsampler than the EDT-T fine-tuning models); the body must fit.
+
+    ``heads_from`` ({model task: file task}) starts a task from another task's head and tail, e.g. denoising at
+    sigma 15 from a sigma-25 model: closer to the goal than a fresh head, and the shapes match within a kind."""
     if isinstance(path_or_state_dict, dict):
         sd, source = _unwrap(path_or_state_dict, "state dict"), "state dict"
     else:
@@ -327,6 +330,8 @@ def load_partial(model: EDT, path_or_state_dict, tasks=None) -> LoadReport:
         sd = read_state_dict(path_or_state_dict)
     tasks = list(model.tasks if tasks is None else ([tasks] if isinstance(tasks, str) else tasks))
     sd = {k: v for k, v in sd.items() if not MASK_RE.match(k)}
+    if heads_from:
+        sd = _heads_renamed(sd, dict(heads_from), source)
     own = model.state_dict()
     report = LoadReport(source=source)
     take = {}
@@ -355,6 +360,22 @@ def load_partial(model: EDT, path_or_state_dict, tasks=None) -> LoadReport:
     log.info("load_partial: %s", report.summary())
     model.load_report = report
     return report
+
+
+def _heads_renamed(sd: dict, heads_from: dict[str, str], source: str) -> dict:
+    """The state dict with each target task's head/tail replaced by a copy of its source task's."""
+    found = {_task_of_key(k) for k in sd}
+    absent = sorted({t for t in heads_from.values() if t not in found})
+    if absent:
+        raise CheckpointError(f"{source} has no {', '.join(absent)} head to start from "
+                              f"(it has: {', '.join(sorted(t for t in found if t)) or 'no task'})")
+    out = {k: v for k, v in sd.items() if _task_of_key(k) not in heads_from}
+    for target, src in heads_from.items():
+        for k, v in sd.items():
+            if _task_of_key(k) == src:
+                part, rest = k.split(".", 1)
+                out[f"{part.split('_', 1)[0]}_{TASK_KEYS[target]}.{rest}"] = v
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ Layout (see ``configs/*.yaml``)::
     checkpoint: every, keep
     val:        folder, task, every, max_images
     log:        every, tensorboard
-    init:       path, tasks, body      (fine-tuning: start from a checkpoint, keep the body and these tasks;
-                                        body: then take the body alone from another checkpoint)
+    init:       path, tasks, body, heads_from
+                                       (fine-tuning: start from a checkpoint, keep the body and these tasks;
+                                        body: then take the body alone from another checkpoint;
+                                        heads_from: {task: file's task}, e.g. denoise-15 from denoise-25)
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class InitConfig:
     path: str | None = None  # edtir .safetensors or official .pth
     tasks: list[str] | None = None  # heads/tails to keep; None: every task of the model found in the file
     body: str | None = None  # then the body alone from this checkpoint (a better-trained body under path's heads)
+    heads_from: dict[str, str] | None = None  # {task: file's task}: start a task from another task's head and tail
 
 
 @dataclass
@@ -178,9 +181,10 @@ def _coerce(value: Any, tp, path: str):
             if type(None) in args:
                 return None
             raise bad
-        for a in args:
-            if a is type(None):
-                continue
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # optional: the inner error names the exact key (init.heads_from.sr-x2, not the map)
+            return _coerce(value, real[0], path)
+        for a in real:
             try:
                 return _coerce(value, a, path)
             except ConfigError:
@@ -353,6 +357,17 @@ def _check(cfg: Config) -> Config:
             raise ConfigError("init.tasks: given without init.path")
     if cfg.init.body is not None and cfg.init.path is None:
         raise ConfigError("init.body: given without init.path (which gives the heads and tails)")
+    for target, src in (cfg.init.heads_from or {}).items():
+        where = f"init.heads_from.{target}"
+        if cfg.init.path is None:
+            raise ConfigError("init.heads_from: given without init.path")
+        if target not in m.tasks:
+            raise ConfigError(f"{where}: {target!r} is not in model.tasks")
+        if src not in TASKS:
+            raise ConfigError(f"{where}: unknown task {src!r}; expected one of: {' '.join(TASKS)}")
+        if (task_kind(src) == "sr") != (task_kind(target) == "sr"):
+            raise ConfigError(f"{where}: {src}'s head and tail do not fit {target} (SR ones start SR tasks; "
+                              "denoise and derain ones, with their down-sampling head, start those)")
     return cfg
 
 

@@ -229,7 +229,7 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
                               "move them away to start again from step 0")
     init_report = None
     if found is None and cfg.init.path:
-        init_report = load_partial(model, cfg.init.path, cfg.init.tasks)
+        init_report = load_partial(model, cfg.init.path, cfg.init.tasks, cfg.init.heads_from)
         if cfg.init.body:  # the heads and tails stay path's
             load_partial(model, cfg.init.body, [])
     params = list(model.parameters())
@@ -274,7 +274,8 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
                         f"{', '.join(cfg.init.tasks or model.tasks)}); dropped {len(init_report.dropped)} "
                         f"({', '.join(sorted({k.split('.')[0] for k in init_report.dropped})) or 'none'}); "
                         f"{len(init_report.mismatched)} of another shape and {len(init_report.missing)} missing "
-                        f"left as initialised" + (f"; then the body from {cfg.init.body}" if cfg.init.body else ""))
+                        f"left as initialised" + (f"; then the body from {cfg.init.body}" if cfg.init.body else "")
+                        + "".join(f"; {t} from the file's {s}" for t, s in (cfg.init.heads_from or {}).items()))
 
         model.train()
         t0, last_step = time.perf_counter(), start
