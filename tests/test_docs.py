@@ -1,9 +1,10 @@
-"""The README's score table says what the registry says (which a test re-measures for the default sr-x2 model):
+"""The README's score tables say what the registry says (which a test re-measures for the default sr-x2 model):
 a retrained model cannot leave stale numbers in the README."""
 
 from pathlib import Path
 
 from edtir import zoo
+from edtir.zoo import test_sets as sets_of  # (not named test_*: pytest would collect it)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -12,23 +13,47 @@ def cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-def test_readme_scores_match_the_registry():
-    lines = README.read_text().splitlines()
-    reg = zoo.registry()
-    header = next(i for i, ln in enumerate(lines) if ln.startswith("| task | test set |"))
-    columns = {j: name for j, c in enumerate(cells(lines[header])) for name in reg if c.split(" ")[0] == name}
-    assert set(columns.values()) == set(reg), "every bundled model has a column"
-    checked = 0
-    for line in lines[header + 2:]:
+def table(lines: list[str], header_start: str) -> tuple[list[str], list[list[str]]]:
+    """The header cells and the rows of the README table whose header line starts with ``header_start``."""
+    i = next(i for i, ln in enumerate(lines) if ln.startswith(header_start))
+    rows = []
+    for line in lines[i + 2:]:
         if not line.startswith("|"):
             break
-        row = cells(line)
+        rows.append(cells(line))
+    return cells(lines[i]), rows
+
+
+def score_cell(score: dict) -> str:
+    return f"{score['psnr']:.2f} / {score['ssim']:.4f}"
+
+
+def test_readme_defaults_table_names_each_tasks_default_and_its_scores():
+    header, rows = table(README.read_text().splitlines(), "| task | test set | default model |")
+    reg, defaults = zoo.registry(), zoo.defaults()
+    col = header.index("PSNR / SSIM")
+    seen = set()
+    for row in rows:
+        task, dataset, name = row[0], row[1], row[2].strip("`")
+        assert name == defaults[task], (task, name, defaults[task])
+        assert row[col] == score_cell(reg[name]["scores"][task][dataset]), (task, dataset, row[col])
+        seen.add((task, dataset))
+    assert seen == {(t, s) for t in defaults for s in sets_of(t)}, "every task and test set has a row"
+
+
+def test_readme_models_table_has_every_model_and_its_scores():
+    header, rows = table(README.read_text().splitlines(), "| task | test set | edt-")
+    reg = zoo.registry()
+    columns = {j: name for j, c in enumerate(header) for name in reg if c.split(" ")[0] == name}
+    assert set(columns.values()) == set(reg), "every bundled model has a column"
+    checked = 0
+    for row in rows:
         task, dataset = row[0], row[1]
         for j, name in columns.items():
             score = reg[name]["scores"].get(task, {}).get(dataset)
             if score is None:
                 assert row[j] == "", (name, task, dataset)
                 continue
-            assert row[j] == f"{score['psnr']:.2f} / {score['ssim']:.4f}", (name, task, dataset, row[j])
+            assert row[j] == score_cell(score), (name, task, dataset, row[j])
             checked += 1
     assert checked == sum(len(sets) for e in reg.values() for sets in e["scores"].values())
