@@ -139,7 +139,9 @@ def _load() -> Kernels:
     dw_bwd.argtypes = [ptr] * 7 + [i32] * 5
     _state["path"] = path
     kernels = Kernels(attention, ffn, fwd, bwd, dw_fwd, dw_bwd)
-    with torch.random.fork_rng(devices=[]):  # loaded mid-training: the check must not move the run's random stream
+    # loaded mid-training, the check must not move the run's random stream; loaded first under inference_mode
+    # (restore, eval), the training kernels' check still needs autograd
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         _check(kernels)
     return kernels
 
