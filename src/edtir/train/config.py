@@ -357,10 +357,10 @@ def _check(cfg: Config) -> Config:
             raise ConfigError("init.tasks: given without init.path")
     if cfg.init.body is not None and cfg.init.path is None:
         raise ConfigError("init.body: given without init.path (which gives the heads and tails)")
+    if cfg.init.heads_from and cfg.init.path is None:
+        raise ConfigError("init.heads_from: given without init.path")
     for target, src in (cfg.init.heads_from or {}).items():
         where = f"init.heads_from.{target}"
-        if cfg.init.path is None:
-            raise ConfigError("init.heads_from: given without init.path")
         if target not in m.tasks:
             raise ConfigError(f"{where}: {target!r} is not in model.tasks")
         if src not in TASKS:
