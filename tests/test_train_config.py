@@ -72,6 +72,8 @@ def test_semantic_checks():
                             ({"sr-x2": 4}, "init.heads_from.sr-x2: expected a string")):
         with pytest.raises(ConfigError, match=msg):
             config_from_dict(base(init={"path": "m.safetensors", "heads_from": heads_from}))
+    with pytest.raises(ConfigError, match="init.heads_from.sr-x2: 'sr-x2' is not in init.tasks"):
+        config_from_dict(base(init={"path": "m.safetensors", "tasks": [], "heads_from": {"sr-x2": "sr-x4"}}))
     assert config_from_dict(base(init={"path": "m.safetensors", "heads_from": {"sr-x2": "sr-x4"}})
                             ).init.heads_from == {"sr-x2": "sr-x4"}
     rain = {"model": {"size": "T", "tasks": ["derain-light"]},

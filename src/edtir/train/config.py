@@ -363,6 +363,8 @@ def _check(cfg: Config) -> Config:
         where = f"init.heads_from.{target}"
         if target not in m.tasks:
             raise ConfigError(f"{where}: {target!r} is not in model.tasks")
+        if cfg.init.tasks is not None and target not in cfg.init.tasks:
+            raise ConfigError(f"{where}: {target!r} is not in init.tasks (its head and tail would not be loaded)")
         if src not in TASKS:
             raise ConfigError(f"{where}: unknown task {src!r}; expected one of: {' '.join(TASKS)}")
         if (task_kind(src) == "sr") != (task_kind(target) == "sr"):
