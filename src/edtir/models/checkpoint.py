@@ -331,7 +331,7 @@ def load_partial(model: EDT, path_or_state_dict, tasks=None, heads_from=None) ->
     tasks = list(model.tasks if tasks is None else ([tasks] if isinstance(tasks, str) else tasks))
     sd = {k: v for k, v in sd.items() if not MASK_RE.match(k)}
     if heads_from:
-        sd = _heads_renamed(sd, dict(heads_from), source)
+        sd = _heads_renamed(sd, dict(heads_from), source, tasks)
     own = model.state_dict()
     report = LoadReport(source=source)
     take = {}
@@ -362,14 +362,16 @@ def load_partial(model: EDT, path_or_state_dict, tasks=None, heads_from=None) ->
     return report
 
 
-def _heads_renamed(sd: dict, heads_from: dict[str, str], source: str) -> dict:
-    """The state dict with each target task's head/tail replaced by a copy of its source task's."""
+def _heads_renamed(sd: dict, heads_from: dict[str, str], source: str, tasks: list[str]) -> dict:
+    """The state dict with each target task's head/tail replaced by a copy of its source task's. A source that is
+    not itself among ``tasks`` leaves under its own name, so the report does not call a head it used "dropped"."""
     found = {_task_of_key(k) for k in sd}
     absent = sorted({t for t in heads_from.values() if t not in found})
     if absent:
         raise CheckpointError(f"{source} has no {', '.join(absent)} head to start from "
                               f"(it has: {', '.join(sorted(t for t in found if t)) or 'no task'})")
-    out = {k: v for k, v in sd.items() if _task_of_key(k) not in heads_from}
+    used = {t for t in heads_from.values() if t not in tasks}
+    out = {k: v for k, v in sd.items() if _task_of_key(k) not in heads_from and _task_of_key(k) not in used}
     for target, src in heads_from.items():
         for k, v in sd.items():
             if _task_of_key(k) == src:
