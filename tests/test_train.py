@@ -175,7 +175,7 @@ def test_finetune_starts_a_task_from_another_tasks_head(tmp_path, capfd):
     got = tensors(train(config_from_dict(raw), tmp_path / "ft", progress=False))
     err = capfd.readouterr().err
     assert "denoise-15 from the file's denoise-25" in err and "0 missing" in err
-    assert "dropped 10 (head_sr_x2, tail_sr_x2)" in err  # the denoise-25 head it copied is not "dropped"
+    assert "dropped 34 (head_sr_x2, tail_sr_x2);" in err  # the denoise-25 head it copied is not "dropped"
     want = source.state_dict()
     assert {k.split(".")[0] for k in got if not k.startswith("body.")} == {
         "head_dn_g15", "tail_dn_g15", "head_dn_g50", "tail_dn_g50"}
