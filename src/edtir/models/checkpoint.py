@@ -370,8 +370,8 @@ def _heads_renamed(sd: dict, heads_from: dict[str, str], source: str, tasks: lis
     if absent:
         raise CheckpointError(f"{source} has no {', '.join(absent)} head to start from "
                               f"(it has: {', '.join(sorted(t for t in found if t)) or 'no task'})")
-    used = {t for t in heads_from.values() if t not in tasks}
-    out = {k: v for k, v in sd.items() if _task_of_key(k) not in heads_from and _task_of_key(k) not in used}
+    replaced = set(heads_from) | {t for t in heads_from.values() if t not in tasks}
+    out = {k: v for k, v in sd.items() if _task_of_key(k) not in replaced}
     for target, src in heads_from.items():
         for k, v in sd.items():
             if _task_of_key(k) == src:
