@@ -42,18 +42,24 @@ def test_readme_defaults_table_names_each_tasks_default_and_its_scores():
 
 
 def test_readme_models_table_has_every_model_and_its_scores():
-    header, rows = table(README.read_text().splitlines(), "| task | test set | edt-")
+    _, rows = table(README.read_text().splitlines(), "| model | task | default | steps |")
     reg = zoo.registry()
-    columns = {j: name for j, c in enumerate(header) for name in reg if c.split(" ")[0] == name}
-    assert set(columns.values()) == set(reg), "every bundled model has a column"
-    checked = 0
+    seen = set()
     for row in rows:
-        task, dataset = row[0], row[1]
-        for j, name in columns.items():
-            score = reg[name]["scores"].get(task, {}).get(dataset)
-            if score is None:
-                assert row[j] == "", (name, task, dataset)
-                continue
-            assert row[j] == score_cell(score), (name, task, dataset, row[j])
-            checked += 1
-    assert checked == sum(len(sets) for e in reg.values() for sets in e["scores"].values())
+        name, task = row[0].strip("`"), row[1]
+        e = reg[name]
+        assert (row[2] == "yes") == (task in e["default_for"]), (name, task, row[2])
+        assert row[3] == f"{e['steps']:,}", (name, row[3])
+        scores = [c for c in row[4:] if c]
+        assert scores == [f"{s} {score_cell(e['scores'][task][s])}" for s in sets_of(task)], (name, task, scores)
+        seen.add((name, task))
+    assert seen == {(n, t) for n, e in reg.items() for t in e["scores"]}, "every model and task it was scored on"
+
+
+def test_readme_tables_are_what_the_generator_writes():
+    import subprocess
+    import sys
+
+    script = README.parent / "docs" / "make_readme_tables.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

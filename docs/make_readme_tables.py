@@ -1,0 +1,110 @@
+"""Rewrite the README's two score tables from the model registry (``src/edtir/zoo/registry.json``).
+
+    python docs/make_readme_tables.py            # rewrites README.md in place (atomically)
+    python docs/make_readme_tables.py --check    # exit 1 if README.md is not what this would write
+
+The registry's scores are what ``python -m edtir.zoo.bundle`` measured with the ``edtir eval`` code; this script
+only lays them out, so a retrained model cannot leave stale numbers in the README (``tests/test_docs.py`` checks
+the same). The defaults table's baseline and published columns are not in the registry: they are kept from the
+README as they stand, row by row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from edtir import zoo
+from edtir.models.edt import TASKS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+DEFAULTS_HEADER = "| task | test set | default model |"
+MODELS_HEADER = "| model | task | default | steps |"
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def score_cell(score: dict) -> str:
+    return f"{score['psnr']:.2f} / {score['ssim']:.4f}"
+
+
+def find_table(lines: list[str], header_start: str) -> tuple[int, int]:
+    """(first, end) line indices of the table whose header starts with ``header_start``."""
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(header_start)), None)
+    if start is None:
+        raise SystemExit(f"README.md has no table starting with {header_start!r}")
+    end = start + 2
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return start, end
+
+
+def defaults_table(reg: dict, old_rows: list[list[str]], header: list[str]) -> list[str]:
+    """One row per task and test set: the default model's scores beside the baselines kept from ``old_rows``."""
+    kept = {(r[0], r[1]): r[4:] for r in old_rows}
+    extra = len(header) - 4
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task, name in zoo.defaults().items():
+        for dataset in zoo.test_sets(task):
+            rest = kept.get((task, dataset), [""] * extra)
+            row = [task, dataset, f"`{name}`", score_cell(reg[name]["scores"][task][dataset]), *rest]
+            out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+def model_order(reg: dict) -> list[str]:
+    """The defaults first, in task order; then the others in registry order."""
+    first = list(dict.fromkeys(zoo.defaults().values()))
+    return first + [n for n in reg if n not in first]
+
+
+def models_table(reg: dict) -> list[str]:
+    """One row per bundled model and task it was scored on; its test sets' scores in the last columns."""
+    width = max(len(s) for s in zoo.TEST_SETS.values())
+    header = ["model", "task", "default", "steps"] + [f"test set {i + 1}: PSNR / SSIM" for i in range(width)]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in model_order(reg):
+        e = reg[name]
+        for task in (t for t in TASKS if t in e["scores"]):
+            scores = [f"{s} {score_cell(e['scores'][task][s])}" for s in zoo.test_sets(task)
+                      if s in e["scores"][task]]
+            row = [f"`{name}`", task, "yes" if task in e["default_for"] else "", f"{e['steps']:,}"]
+            out.append("| " + " | ".join(row + scores + [""] * (width - len(scores))) + " |")
+    return out
+
+
+def render(text: str) -> str:
+    reg = zoo.registry()
+    lines = text.splitlines()
+    s, e = find_table(lines, DEFAULTS_HEADER)
+    lines[s:e] = defaults_table(reg, [cells(ln) for ln in lines[s + 2:e]], cells(lines[s]))
+    s, e = find_table(lines, MODELS_HEADER)
+    lines[s:e] = models_table(reg)
+    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what would be written")
+    args = ap.parse_args(argv)
+    old = README.read_text()
+    new = render(old)
+    if args.check:
+        print("README.md tables are up to date" if new == old else "README.md tables are stale")
+        return 0 if new == old else 1
+    fd, tmp = tempfile.mkstemp(dir=README.parent, prefix=".README.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(new)
+    os.chmod(tmp, README.stat().st_mode & 0o777)  # mkstemp makes it private
+    os.replace(tmp, README)
+    print("README.md tables rewritten" if new != old else "README.md tables already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
