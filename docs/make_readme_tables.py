@@ -12,12 +12,11 @@ README as they stand, row by row.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from edtir import zoo
+from edtir.data.io import atomic_write_bytes
 from edtir.models.edt import TASKS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -97,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("README.md tables are up to date" if new == old else "README.md tables are stale")
         return 0 if new == old else 1
-    fd, tmp = tempfile.mkstemp(dir=README.parent, prefix=".README.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.chmod(tmp, README.stat().st_mode & 0o777)  # mkstemp makes it private
-    os.replace(tmp, README)
+    atomic_write_bytes(README, lambda tmp: Path(tmp).write_text(new))
     print("README.md tables rewritten" if new != old else "README.md tables already up to date")
     return 0
 

@@ -33,24 +33,29 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads)")
 
 
-def measure(model, tasks, data_root: Path, device="cpu") -> dict:
-    """{task: {set: {"psnr", "ssim", "images"}}} over the test sets of each task (those present)."""
+def measure(model, tasks, data_root: Path, device="cpu", *, only=None, verbose: bool = True) -> dict:
+    """{task: {set: {"psnr", "ssim", "images"}}} over the test sets of each task (those present; of them, only
+    the sets named in ``only`` when given). ``verbose`` prints each score and each missing set as it goes."""
     from ..evaluate import evaluate_folder
 
     scores = {}
     for task in tasks:
         scores[task] = {}
         for name in test_sets(task):
+            if only and name not in only:
+                continue
             folder = data_root / name
             if not folder.is_dir():
-                print(f"  {task} {name}: not found under {data_root}, skipped", flush=True)
+                if verbose:
+                    print(f"  {task} {name}: not found under {data_root}, skipped", flush=True)
                 continue
             r = evaluate_folder(model, task, folder, device=device, progress=False)
             if r["failed"]:
                 raise SystemExit(f"{task} {name}: {len(r['failed'])} image(s) failed: {r['failed'][0]}")
             scores[task][name] = {"psnr": round(r["psnr"], 4), "ssim": round(r["ssim"], 4), "images": r["images"]}
-            print(f"  {task:<13}{name:<10}{r['psnr']:8.4f}{r['ssim']:8.4f}  ({r['images']} images, "
-                  f"{r['seconds']:.0f} s)", flush=True)
+            if verbose:
+                print(f"  {task:<13}{name:<10}{r['psnr']:8.4f}{r['ssim']:8.4f}  ({r['images']} images, "
+                      f"{r['seconds']:.0f} s)", flush=True)
     return scores
 
 
