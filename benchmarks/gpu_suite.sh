@@ -7,11 +7,13 @@
 #   STEPS="device kernels cuda perf" bash benchmarks/gpu_suite.sh        # the Triton kernels' tiles, then the suite
 #   STEPS="multi" ITERS=6000 MULTI_SECONDS=300 bash benchmarks/gpu_suite.sh   # GPU stage of edt-t-multi-291
 #   STEPS="compile" bash benchmarks/gpu_suite.sh          # torch.compile (per block, CUDA graphs) of the fast path
-#   STEPS="finetune" bash benchmarks/gpu_suite.sh         # configs/gpu-edt-t-*-ft.yaml side by side, time-boxed
+#   STEPS="finetune" bash benchmarks/gpu_suite.sh         # configs/gpu-edt-t-*-ft.yaml side by side, time-boxed,
+#                          each from its task's current default model (FT_FROM=config: from the config's init.path)
 # A multi run cut short returns its checkpoint as $OUT/ckpt.tar.part*: put them in .carry/gpu-t-multi/ and carry
 # .carry to continue it exactly in the next lease (same iteration count and schedule, read from its config).
 # Mind the 64 MiB a lease carries: the eight-task EDT-T checkpoint is 32 MB, the 291 set as lossless WebP 39 MB,
-# the repository 7 MB; a shorter complete schedule per lease, started from the bundled model, avoids the carry.
+# the repository about 22 MB (most of it the bundled models; superseded ones are retired, `python -m
+# edtir.zoo.retire`); a shorter complete schedule per lease, started from the bundled model, avoids the carry.
 set -u
 OUT=${OUT:-runs/gpu-suite}
 mkdir -p "$OUT"
@@ -80,8 +82,11 @@ step "GPU fine-tunes ($FT_CONFIGS) for at most $FT_SECONDS s"
 pids=""; mkdir -p runs
 for t in $FT_CONFIGS; do
   rm -rf "runs/gpu-t-$t-ft"
+  from=""  # the configs name the files their bundled runs started from, some since retired; go on from the best
+  [ "${FT_FROM:-default}" = default ] && from="init.path=$($PY -c "from edtir import zoo; print(zoo.path_of(zoo.default_for('$t')))")"
+  echo "$t: ${from:-init.path of the config}"
   timeout -s TERM -k 40 "$FT_SECONDS" $PY -m edtir train "configs/gpu-edt-t-$t-ft.yaml" \
-    --output-dir "runs/gpu-t-$t-ft" --no-progress $EXTRA > "runs/gpu-t-$t-ft.log" 2>&1 & pids="$pids $!"
+    --output-dir "runs/gpu-t-$t-ft" --no-progress $from $EXTRA > "runs/gpu-t-$t-ft.log" 2>&1 & pids="$pids $!"
 done
 cuda_tests 90
 wait $pids

@@ -1,7 +1,8 @@
-"""Rewrite the README's two score tables from the model registry (``src/edtir/zoo/registry.json``).
+"""Rewrite the README's two score tables from the model registry (``src/edtir/zoo/registry.json``), and the
+retired models' table in docs/zoo-history.md from ``src/edtir/zoo/retired.json``.
 
-    python docs/make_readme_tables.py            # rewrites README.md in place (atomically)
-    python docs/make_readme_tables.py --check    # exit 1 if README.md is not what this would write
+    python docs/make_readme_tables.py            # rewrites both files in place (atomically)
+    python docs/make_readme_tables.py --check    # exit 1 if either is not what this would write
 
 The registry's scores are what ``python -m edtir.zoo.bundle`` measured with the ``edtir eval`` code; this script
 only lays them out, so a retrained model cannot leave stale numbers in the README (``tests/test_docs.py`` checks
@@ -20,8 +21,10 @@ from edtir.data.io import atomic_write_bytes
 from edtir.models.edt import TASKS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+HISTORY = README.parent / "docs" / "zoo-history.md"
 DEFAULTS_HEADER = "| task | test set | default model |"
 MODELS_HEADER = "| model | task | default | steps |"
+RETIRED_HEADER = "| model | task | replaced by | steps |"
 
 
 def cells(line: str) -> list[str]:
@@ -32,11 +35,11 @@ def score_cell(score: dict) -> str:
     return f"{score['psnr']:.2f} / {score['ssim']:.4f}"
 
 
-def find_table(lines: list[str], header_start: str) -> tuple[int, int]:
+def find_table(lines: list[str], header_start: str, source: str = "README.md") -> tuple[int, int]:
     """(first, end) line indices of the table whose header starts with ``header_start``."""
     start = next((i for i, ln in enumerate(lines) if ln.startswith(header_start)), None)
     if start is None:
-        raise SystemExit(f"README.md has no table starting with {header_start!r}")
+        raise SystemExit(f"{source} has no table starting with {header_start!r}")
     end = start + 2
     while end < len(lines) and lines[end].startswith("|"):
         end += 1
@@ -62,17 +65,20 @@ def model_order(reg: dict) -> list[str]:
     return first + [n for n in reg if n not in first]
 
 
-def models_table(reg: dict) -> list[str]:
-    """One row per bundled model and task it was scored on; its test sets' scores in the last columns."""
+def models_table(reg: dict, third: str = "default") -> list[str]:
+    """One row per model and task it was scored on; its test sets' scores in the last columns. The third column
+    says whether it is the task's default, or (``third="replaced by"``, retired models) what replaced it."""
     width = max(len(s) for s in zoo.TEST_SETS.values())
-    header = ["model", "task", "default", "steps"] + [f"test set {i + 1}: PSNR / SSIM" for i in range(width)]
+    header = ["model", "task", third, "steps"] + [f"test set {i + 1}: PSNR / SSIM" for i in range(width)]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in model_order(reg):
+    for name in model_order(reg) if third == "default" else reg:
         e = reg[name]
         for task in (t for t in TASKS if t in e["scores"]):
             scores = [f"{s} {score_cell(e['scores'][task][s])}" for s in zoo.test_sets(task)
                       if s in e["scores"][task]]
-            row = [f"`{name}`", task, "yes" if task in e["default_for"] else "", f"{e['steps']:,}"]
+            mark = (("yes" if task in e["default_for"] else "") if third == "default"
+                    else f"`{e['retired']['replaced_by']}`")
+            row = [f"`{name}`", task, mark, f"{e['steps']:,}"]
             out.append("| " + " | ".join(row + scores + [""] * (width - len(scores))) + " |")
     return out
 
@@ -87,18 +93,30 @@ def render(text: str) -> str:
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
 
 
+def render_history(text: str) -> str:
+    lines = text.splitlines()
+    s, e = find_table(lines, RETIRED_HEADER, "docs/zoo-history.md")
+    lines[s:e] = models_table(zoo.retired(), third="replaced by")
+    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what would be written")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a file differs from what would be written")
     args = ap.parse_args(argv)
-    old = README.read_text()
-    new = render(old)
-    if args.check:
-        print("README.md tables are up to date" if new == old else "README.md tables are stale")
-        return 0 if new == old else 1
-    atomic_write_bytes(README, lambda tmp: Path(tmp).write_text(new))
-    print("README.md tables rewritten" if new != old else "README.md tables already up to date")
-    return 0
+    stale = []
+    for path, make in ((README, render), (HISTORY, render_history)):
+        old = path.read_text()
+        new = make(old)
+        if new == old:
+            print(f"{path.name}: tables up to date")
+        elif args.check:
+            stale.append(path.name)
+            print(f"{path.name}: tables are stale")
+        else:
+            atomic_write_bytes(path, lambda tmp, new=new: Path(tmp).write_text(new))
+            print(f"{path.name}: tables rewritten")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

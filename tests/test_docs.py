@@ -17,7 +17,7 @@ score_cell = gen.score_cell
 
 
 def table(lines: list[str], header_start: str) -> tuple[list[str], list[list[str]]]:
-    """The header cells and the rows of the README table whose header line starts with ``header_start``."""
+    """The header cells and the rows of the table whose header line starts with ``header_start``."""
     start, end = gen.find_table(lines, header_start)
     return gen.cells(lines[start]), [gen.cells(ln) for ln in lines[start + 2:end]]
 
@@ -53,3 +53,12 @@ def test_readme_models_table_has_every_model_and_its_scores():
 def test_readme_tables_are_what_the_generator_writes():
     text = README.read_text()
     assert gen.render(text) == text, "README.md tables are stale: run python docs/make_readme_tables.py"
+
+
+def test_retired_models_table_is_what_the_generator_writes():
+    text = gen.HISTORY.read_text()
+    assert gen.render_history(text) == text, "docs/zoo-history.md is stale: run python docs/make_readme_tables.py"
+    _, rows = table(text.splitlines(), gen.RETIRED_HEADER)
+    gone = zoo.retired()
+    assert {(r[0].strip("`"), r[1]) for r in rows} == {(n, t) for n, e in gone.items() for t in e["scores"]}
+    assert all(r[2].strip("`") == gone[r[0].strip("`")]["retired"]["replaced_by"] for r in rows)

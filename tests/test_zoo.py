@@ -4,6 +4,7 @@ model's Set5 score re-measured against the registry, `edtir models`, and the too
 import hashlib
 import json
 import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from conftest import REPO
 import edtir
 from edtir import zoo
 from edtir.cli import main
-from edtir.errors import CheckpointError
+from edtir.errors import CheckpointError, UsageError
 
 
 def safetensors_dtypes(path) -> set[str]:
@@ -120,3 +121,76 @@ def test_bundle_tool_writes_fp16_and_a_valid_entry(tmp_path):
     back = edtir.load_model(zoo_dir / "m.safetensors")
     for (k, a), b in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
         np.testing.assert_array_equal(a.half().float().numpy(), b.numpy(), err_msg=k)
+
+
+def git(cwd, *args) -> bytes:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(cwd), *args],
+                          capture_output=True, check=True).stdout
+
+
+def test_retired_models_stay_on_record_and_restorable(capsys):
+    """Each retired model: no longer shipped, its record kept, and the commit it names holds its exact file."""
+    gone, reg = zoo.retired(), zoo.registry()
+    assert gone, "no retired model"
+    history = (REPO / ".git").exists() and subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "HEAD"],
+                                                          capture_output=True).returncode == 0
+    for name, e in gone.items():
+        assert name not in reg and not (zoo.HERE / e["file"]).exists(), name
+        assert e["default_for"] == [] and e["retired"]["path"] == f"src/edtir/zoo/{e['file']}"
+        assert all(r in reg for r in e["retired"]["replaced_by"].split(", ")), name
+        assert all(list(e["scores"][t]) == list(zoo.test_sets(t)) for t in e["tasks"]), name
+        if history:
+            blob = git(REPO, "show", f"{e['retired']['commit']}:{e['retired']['path']}")
+            assert hashlib.sha256(blob).hexdigest() == e["sha256"], name
+    name = next(iter(gone))
+    with pytest.raises(UsageError, match=f"no longer ships.*git show {gone[name]['retired']['commit'][:12]}"):
+        zoo.get_model(name)
+    assert main(["models", name]) == 0
+    out = capsys.readouterr().out
+    assert zoo.restore_command(gone[name]) in out and "retired" in out
+    assert main(["models"]) == 0
+    assert name in capsys.readouterr().out.split("retired (no longer shipped")[1]
+
+
+def test_a_config_starting_from_a_retired_file_says_how_to_restore_it(tmp_path, capsys):
+    name, e = next(iter(zoo.retired().items()))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{size: T, tasks: [{e['tasks'][0]}]}}\n"
+                   f"data: {{{e['tasks'][0]}: {{folders: [{tmp_path}], patch: 48}}}}\n"
+                   f"init: {{path: {REPO / e['retired']['path']}}}\n")
+    assert main(["train", str(cfg), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "init.path" in err and zoo.restore_command(e) in err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_retire_tool_moves_the_entry_and_deletes_only_a_committed_file(tmp_path, monkeypatch, capsys):
+    from edtir.zoo import bundle, retire
+
+    repo, zdir = tmp_path / "repo", tmp_path / "repo" / "zoo"
+    zdir.mkdir(parents=True)
+    torch.manual_seed(0)
+    edtir.save_model(edtir.build_model("T", ["sr-x2"], depths=(2,)), tmp_path / "w.safetensors")
+    for name, default in (("new", "sr-x2"), ("old", "")):
+        assert bundle.main([str(tmp_path / "w.safetensors"), "--name", name, "--default-for", default,
+                            "--steps", "1", "--config", "c.yaml", "--command", "edtir train c.yaml", "--data", "d",
+                            "--description", name, "--zoo", str(zdir), "--skip-measure"]) == 0
+    git(repo, "init", "-q")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "start")
+    assert retire.main(["old", "--zoo", str(zdir)]) == 2  # its file is not committed: nothing to restore it from
+    assert "does not hold" in capsys.readouterr().err and (zdir / "old.safetensors").exists()
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "zoo")
+    assert retire.main(["new", "--zoo", str(zdir)]) == 2  # the default of sr-x2
+    assert "default for sr-x2" in capsys.readouterr().err
+    want = hashlib.sha256((zdir / "old.safetensors").read_bytes()).hexdigest()
+    assert retire.main(["old", "--zoo", str(zdir)]) == 0
+    assert not (zdir / "old.safetensors").exists() and (zdir / "new.safetensors").exists()
+    monkeypatch.setenv("EDTIR_ZOO", str(zdir))
+    assert list(zoo.registry()) == ["new"] and list(zoo.retired()) == ["old"]
+    entry = zoo.retired()["old"]
+    assert entry["retired"]["replaced_by"] == "new" and entry["retired"]["path"] == "zoo/old.safetensors"
+    cmd = zoo.restore_command(entry)
+    assert cmd in capsys.readouterr().out and cmd in zoo.retired_hint("somewhere/old.safetensors")
+    subprocess.run(cmd, shell=True, cwd=repo, check=True)  # the command it prints brings the exact file back
+    assert hashlib.sha256((zdir / "old.safetensors").read_bytes()).hexdigest() == want == entry["sha256"]

@@ -31,6 +31,25 @@ def _scores(entry: dict) -> list[str]:
     return lines or ["    (no scores measured)"]
 
 
+def show_retired(name: str, e: dict, as_json: bool) -> int:
+    """A retired model: its record and the command that restores its file from the repository's history."""
+    from .. import zoo
+
+    if as_json:
+        print(json.dumps(e, indent=2))
+        return 0
+    r = e["retired"]
+    print(f"{name}: {e.get('description', '')}")
+    print(f"  retired         : {r.get('date', '?')}, superseded by {r['replaced_by']}; no longer shipped")
+    print(f"  restore its file: {zoo.restore_command(e)}   (in the repository; then --weights {r['path']})")
+    for k, v in (("tasks", ", ".join(e.get("tasks", []))), ("steps", f"{e.get('steps', 0):,}"),
+                 ("config", e.get("recipe", {}).get("config", ""))):
+        print(f"  {k:<16}: {v}")
+    print("  scores when it shipped (PSNR dB / SSIM):")
+    print("\n".join(_scores(e)))
+    return 0
+
+
 def run(args) -> int:
     from .. import zoo
     from ..baselines import BASELINES
@@ -39,6 +58,9 @@ def run(args) -> int:
     folder = zoo.zoo_dir()
     reg = zoo.registry()
     defaults = zoo.defaults()
+    gone = zoo.retired()
+    if args.name in gone:
+        return show_retired(args.name, gone[args.name], args.json)
     if args.name is not None and args.name not in reg:
         raise UsageError(f"unknown bundled model {args.name!r}; bundled: {', '.join(reg) or 'none'}")
     if args.json:
@@ -79,6 +101,8 @@ def run(args) -> int:
     print("baselines (no weights):")
     for name, desc in BASELINES.items():
         print(f"  {name:<{w}}{desc}")
+    if gone:
+        print(f"retired (no longer shipped; `edtir models NAME` shows one and how to get it back): {', '.join(gone)}")
     missing = [t for t in TASKS if t not in defaults]
     print("tasks without a default bundled model: " + (", ".join(missing) if missing else "none"))
     print("scores: PSNR dB / SSIM by `edtir eval` (Y channel for SR and deraining, RGB for denoising); "

@@ -169,6 +169,11 @@ def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = F
             raise UsageError(f"--iterations must be >= 0, got {iterations}")
         cfg.train.iterations = iterations
     out = Path(output_dir or cfg.output_dir or Path("runs") / cfg.name)
+    for key, path in (("init.path", cfg.init.path), ("init.body", cfg.init.body)):
+        if path and not resume and not Path(path).is_file():  # a resumed run starts from its checkpoint
+            from ..zoo import retired_hint
+
+            raise UsageError(f"{key}: {path} is not a file{retired_hint(path)}")
     if distributed.env_ranks()[0] == 0:
         ensure_writable_dir(out)  # a clear error before any work
     info = distributed.setup(cfg.train.device)

@@ -7,6 +7,11 @@ Adding a model is: put its fp16 file here (``python -m edtir.zoo.bundle``) and a
 
 ``EDTIR_ZOO=/some/folder`` (a folder with a ``registry.json`` and the files it names) replaces the bundled zoo:
 a seam for tests and for trying a model before bundling it.
+
+Superseded models are retired to keep the package (and what a GPU lease can carry) small: their entries move to
+``retired.json`` with the commit that still holds the file, so their scores and recipes stay on record, configs
+that start from them can be rerun after ``git show COMMIT:src/edtir/zoo/FILE > src/edtir/zoo/FILE``, and asking
+for one by name says exactly that instead of "unknown model".
 """
 
 from __future__ import annotations
@@ -70,6 +75,40 @@ def _read(path: Path, mtime: float) -> dict[str, dict]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read the model registry ({e})") from None
     return validate(reg, str(path))
+
+
+def retired() -> dict[str, dict]:
+    """name -> entry of the models that no longer ship; each has ``retired``: commit, path, replaced_by, date."""
+    f = zoo_dir() / "retired.json"
+    if not f.exists():
+        return {}
+    try:
+        reg = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot read the retired models ({e})") from None
+    if not isinstance(reg, dict):
+        raise CheckpointError(f"{f}: expected an object of name -> entry")
+    bad = [n for n, e in reg.items() if not isinstance(e, dict) or "file" not in e
+           or not {"commit", "path", "replaced_by"} <= set(e.get("retired", {}))]
+    if bad:
+        raise CheckpointError(f"{f}: entry {bad[0]!r} lacks its file or its retired commit, path, replaced_by")
+    return reg
+
+
+def restore_command(entry: dict) -> str:
+    """The shell command, run in the repository, that puts a retired model's file back where it was."""
+    r = entry["retired"]
+    return f"git show {r['commit'][:12]}:{r['path']} > {r['path']}"
+
+
+def retired_hint(path_or_name: str | os.PathLike) -> str:
+    """For a missing file or an unknown name: how to get a retired model back ('' when it is not one)."""
+    key = Path(path_or_name).name
+    for name, e in retired().items():
+        if key in (name, e["file"]):
+            return (f"; {name} was retired (superseded by {e['retired']['replaced_by']}), restore its file from "
+                    f"the repository's history with: {restore_command(e)}")
+    return ""
 
 
 def registry() -> dict[str, dict]:
@@ -137,4 +176,7 @@ def get_model(model: str | None = None, weights: str | None = None, task: str | 
         m = load_model(path_of(model), device=device)
         m.zoo_name = model
         return m
+    if model in retired():
+        raise UsageError(f"model {model!r} no longer ships{retired_hint(model)}, then use --weights "
+                         f"{retired()[model]['retired']['path']}")
     raise UsageError(f"unknown model {model!r}; available: {', '.join(names())}, default (or --weights FILE)")
