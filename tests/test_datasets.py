@@ -155,3 +155,34 @@ def test_image_cache_gives_the_same_patches_and_keeps_its_budget(tree):
         small(p)
     assert list(small._items) == [images[2]]  # least recently used dropped first, budget kept
     assert small.bytes == small._items[images[2]].nbytes <= small.max_bytes
+
+
+def test_a_gpu_lease_copy_is_lossless_and_read_like_the_original(data_dir, tmp_path, capsys):
+    """benchmarks/prepare_carry.py re-encodes data as WebP to fit a lease: same pixels (colour and grey), found by
+    stem so exclude lists still apply, and a carry over the budget is an error."""
+    import importlib.util
+
+    from conftest import REPO
+
+    from edtir.data.datasets import read_exclude_list
+    from edtir.data.io import read_image
+
+    spec = importlib.util.spec_from_file_location("prepare_carry", REPO / "benchmarks" / "prepare_carry.py")
+    carry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(carry)
+    shared = tmp_path / "shared"
+    for folder, names in (("BSD200", ["100075", "2092"]), ("Train400", ["test_001"])):
+        (shared / "data" / folder).mkdir(parents=True)
+        for n in names:
+            (shared / "data" / folder / f"{n}.png").write_bytes((data_dir / folder / f"{n}.png").read_bytes())
+    (shared / "data" / "rain100-overlap-BSD200.txt").write_text("100075\n")
+    out = tmp_path / "carry"
+    args = ["--shared", str(shared), "--out", str(out), "--train", "BSD200", "Train400", "--eval"]
+    assert carry.main(args + ["--budget-mib", "1000"]) == 0
+    for folder, n, suffix in (("BSD200", "2092", ".webp"), ("Train400", "test_001", ".png")):  # grey: as it is
+        a, b = read_image(data_dir / folder / f"{n}.png"), read_image(out / "data" / folder / f"{n}{suffix}")
+        assert a.shape == b.shape and np.array_equal(a, b), (folder, n)
+    exclude = read_exclude_list(out / "data" / "rain100-overlap-BSD200.txt")
+    assert [p.name for p in list_training_images([out / "data" / "BSD200"], exclude=exclude)] == ["2092.webp"]
+    assert carry.main(args + ["--budget-mib", "1"]) == 1  # the repository alone is over 1 MiB
+    assert "over the lease's limit" in capsys.readouterr().err
