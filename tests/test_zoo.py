@@ -150,6 +150,8 @@ def test_retired_models_stay_on_record_and_restorable(capsys):
     assert zoo.restore_command(gone[name]) in out and "retired" in out
     assert main(["models"]) == 0
     assert name in capsys.readouterr().out.split("retired (no longer shipped")[1]
+    assert main(["models", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["retired"][name] == gone[name]
 
 
 def test_a_config_starting_from_a_retired_file_says_how_to_restore_it(tmp_path, capsys):

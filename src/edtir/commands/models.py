@@ -67,7 +67,7 @@ def run(args) -> int:
         models = {n: {**e, "file_bytes": (folder / e["file"]).stat().st_size if (folder / e["file"]).exists()
                       else None} for n, e in reg.items() if args.name in (None, n)}
         doc = models[args.name] if args.name else {"zoo": str(folder), "models": models, "baselines": BASELINES,
-                                                     "defaults": defaults}
+                                                     "defaults": defaults, "retired": gone}
         print(json.dumps(doc, indent=2))
         return 0
     if args.name is not None:
