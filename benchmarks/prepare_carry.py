@@ -7,9 +7,8 @@ A lease copies the repository's tracked files and the ``carry`` paths, 64 MiB in
 travel. ``benchmarks/gpu_suite.sh`` links ``.carry/shared`` as ``../shared`` when there is none, so the same
 commands run there: ``run(command="bash benchmarks/gpu_suite.sh", carry=[".carry"])``. Images are re-encoded as
 lossless WebP (the 291 set: 59 MB of PNG, about 39 MB), each checked to decode to the same pixels (grey and 16-bit
-images are copied as they are); datasets match
-files by stem, so configs and the exclude list work unchanged. Prints what the lease would carry against the
-budget and exits 1 when it is over.
+images are copied as they are); datasets match files by stem, so configs and the exclude list work unchanged.
+Prints what the lease would carry against the budget and exits 1 when it is over.
 """
 
 from __future__ import annotations
@@ -32,7 +31,10 @@ MIB = 1 << 20
 
 def tracked_bytes() -> int:
     """What the repository's own files weigh in a lease (tracked files; git-ignored ones stay behind)."""
-    out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        raise SystemExit(f"prepare_carry: {REPO} is not a git checkout (git ls-files failed)") from None
     return sum((REPO / f).stat().st_size for f in out.decode().split("\0") if f and (REPO / f).is_file())
 
 

@@ -65,20 +65,18 @@ def model_order(reg: dict) -> list[str]:
     return first + [n for n in reg if n not in first]
 
 
-def models_table(reg: dict, third: str = "default") -> list[str]:
-    """One row per model and task it was scored on; its test sets' scores in the last columns. The third column
-    says whether it is the task's default, or (``third="replaced by"``, retired models) what replaced it."""
+def models_table(reg: dict, names: list[str], label: str, mark) -> list[str]:
+    """One row per model and task it was scored on; its test sets' scores in the last columns. The third column,
+    headed ``label``, is ``mark(entry, task)``: whether it is the task's default, or what replaced a retired one."""
     width = max(len(s) for s in zoo.TEST_SETS.values())
-    header = ["model", "task", third, "steps"] + [f"test set {i + 1}: PSNR / SSIM" for i in range(width)]
+    header = ["model", "task", label, "steps"] + [f"test set {i + 1}: PSNR / SSIM" for i in range(width)]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in model_order(reg) if third == "default" else reg:
+    for name in names:
         e = reg[name]
         for task in (t for t in TASKS if t in e["scores"]):
             scores = [f"{s} {score_cell(e['scores'][task][s])}" for s in zoo.test_sets(task)
                       if s in e["scores"][task]]
-            mark = (("yes" if task in e["default_for"] else "") if third == "default"
-                    else f"`{e['retired']['replaced_by']}`")
-            row = [f"`{name}`", task, mark, f"{e['steps']:,}"]
+            row = [f"`{name}`", task, mark(e, task), f"{e['steps']:,}"]
             out.append("| " + " | ".join(row + scores + [""] * (width - len(scores))) + " |")
     return out
 
@@ -89,14 +87,16 @@ def render(text: str) -> str:
     s, e = find_table(lines, DEFAULTS_HEADER)
     lines[s:e] = defaults_table(reg, [cells(ln) for ln in lines[s + 2:e]], cells(lines[s]))
     s, e = find_table(lines, MODELS_HEADER)
-    lines[s:e] = models_table(reg)
+    lines[s:e] = models_table(reg, model_order(reg), "default",
+                              lambda entry, task: "yes" if task in entry["default_for"] else "")
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
 
 
 def render_history(text: str) -> str:
     lines = text.splitlines()
     s, e = find_table(lines, RETIRED_HEADER, "docs/zoo-history.md")
-    lines[s:e] = models_table(zoo.retired(), third="replaced by")
+    gone = zoo.retired()
+    lines[s:e] = models_table(gone, list(gone), "replaced by", lambda entry, _: f"`{entry['retired']['replaced_by']}`")
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
 
 

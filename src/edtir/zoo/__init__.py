@@ -77,9 +77,10 @@ def _read(path: Path, mtime: float) -> dict[str, dict]:
     return validate(reg, str(path))
 
 
-def retired() -> dict[str, dict]:
-    """name -> entry of the models that no longer ship; each has ``retired``: commit, path, replaced_by, date."""
-    f = zoo_dir() / "retired.json"
+def retired(folder: Path | None = None) -> dict[str, dict]:
+    """name -> entry of the models that no longer ship (from ``folder``, default the zoo); each has ``retired``:
+    commit, path, replaced_by, date."""
+    f = (folder or zoo_dir()) / "retired.json"
     if not f.exists():
         return {}
     try:
@@ -111,9 +112,10 @@ def retired_hint(path_or_name: str | os.PathLike) -> str:
     return ""
 
 
-def registry() -> dict[str, dict]:
-    """name -> entry for every bundled model (or those of ``$EDTIR_ZOO``); {} when there is no registry."""
-    f = zoo_dir() / "registry.json"
+def registry(folder: Path | None = None) -> dict[str, dict]:
+    """name -> entry for every bundled model (or those of ``$EDTIR_ZOO``, or of ``folder``); {} when there is no
+    registry."""
+    f = (folder or zoo_dir()) / "registry.json"
     if not f.exists():
         return {}
     return {k: dict(v) for k, v in _read(f, f.stat().st_mtime).items()}
@@ -176,7 +178,8 @@ def get_model(model: str | None = None, weights: str | None = None, task: str | 
         m = load_model(path_of(model), device=device)
         m.zoo_name = model
         return m
-    if model in retired():
+    gone = retired()
+    if model in gone:
         raise UsageError(f"model {model!r} no longer ships{retired_hint(model)}, then use --weights "
-                         f"{retired()[model]['retired']['path']}")
+                         f"{gone[model]['retired']['path']}")
     raise UsageError(f"unknown model {model!r}; available: {', '.join(names())}, default (or --weights FILE)")

@@ -20,7 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import HERE, restore_command, validate
+from ..errors import run_script
+from . import HERE, registry, restore_command, retired
 
 
 def git(folder: Path, *args: str) -> bytes | None:
@@ -37,10 +38,6 @@ def committed_sha256(folder: Path, commit: str, file: str) -> str | None:
     return None if blob is None else hashlib.sha256(blob).hexdigest()
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="+", help="bundled models to retire")
@@ -52,15 +49,15 @@ def main(argv=None) -> int:
         print(f"edtir.zoo.retire: {msg}", file=sys.stderr)
         return 2
 
-    reg = validate(read_json(args.zoo / "registry.json"))
-    old = read_json(args.zoo / "retired.json")
+    names = list(dict.fromkeys(args.names))  # a name given twice is retired once
+    reg, old = registry(args.zoo), retired(args.zoo)
     owners = {t: n for n, e in reg.items() for t in e["default_for"]}
     commit = git(args.zoo, "rev-parse", "--verify", f"{args.commit}^{{commit}}")
     prefix = git(args.zoo, "rev-parse", "--show-prefix")
     if commit is None or prefix is None:
         return fail(f"{args.commit!r} is not a commit of a git checkout holding {args.zoo}")
     commit, prefix = commit.decode().strip(), prefix.decode().strip()
-    for name in args.names:
+    for name in names:
         if name not in reg:
             return fail(f"{name!r} is not a bundled model")
         if reg[name]["default_for"]:
@@ -70,7 +67,7 @@ def main(argv=None) -> int:
             return fail(f"{commit[:12]} does not hold {reg[name]['file']} as the registry records it "
                         "(commit it first, or name a commit that has it)")
     today = datetime.date.today().isoformat()
-    for name in args.names:
+    for name in names:
         e = reg.pop(name)
         after = dict.fromkeys(owners[t] for t in e["tasks"] if t in owners)
         old[name] = {**e, "retired": {"commit": commit, "path": prefix + e["file"], "date": today,
@@ -80,11 +77,11 @@ def main(argv=None) -> int:
     for path, doc in ((args.zoo / "retired.json", old), (args.zoo / "registry.json", reg)):
         text = json.dumps(doc, indent=2) + "\n"
         atomic_write_bytes(path, lambda tmp, text=text: Path(tmp).write_text(text))
-    for name in args.names:
+    for name in names:
         (args.zoo / old[name]["file"]).unlink(missing_ok=True)
         print(f"retired {name}; back with: {restore_command(old[name])}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "python -m edtir.zoo.retire")
