@@ -5,6 +5,8 @@
 # Writes logs and weights to $OUT (default runs/gpu-suite). Each step is time-boxed; a subset reruns only those:
 #   STEPS="device cuda probe perf" bash benchmarks/gpu_suite.sh          # tests, training probe, performance issue
 #   STEPS="device kernels cuda perf" bash benchmarks/gpu_suite.sh        # the Triton kernels' tiles, then the suite
+#   KERNELS_ARGS="--sweep products" PERF_PATHS=reference,fast-cublas,fast,fast-tf32x3 STEPS="kernels perf" ...
+#                          # the product kernel's tiles; whole-model paths by where the products run (perf_suite.py)
 #   STEPS="multi" ITERS=6000 MULTI_SECONDS=300 bash benchmarks/gpu_suite.sh   # GPU stage of edt-t-multi-291
 #   STEPS="compile" bash benchmarks/gpu_suite.sh          # torch.compile (per block, CUDA graphs) of the fast path
 #   STEPS="finetune" bash benchmarks/gpu_suite.sh         # configs/gpu-edt-t-*-ft.yaml side by side, time-boxed,
@@ -54,10 +56,8 @@ want dwconv && { step "depthwise conv layouts"
 timeout 40 $PY benchmarks/dwconv_layouts.py --device cuda 2>&1 | tee "$OUT/dwconv_layouts.txt"; }
 
 want kernels && { step "Triton kernels: tiles swept, each against the eager code it replaces"
-timeout ${KERNELS_SECONDS:-150} $PY benchmarks/triton_kernels.py --env "$OUT/kernel_tiles.env" 2>&1 \
-  | tee "$OUT/triton_kernels.txt"
-timeout 60 env EDTIR_FP32_PRODUCTS=tf32x3 $PY benchmarks/perf_suite.py --device cuda --workloads b-240x360 \
-  --paths reference,fast --precisions fp32 --repeats 3 --warmup 1 2>&1 | tee -a "$OUT/triton_kernels.txt"
+timeout ${KERNELS_SECONDS:-150} $PY benchmarks/triton_kernels.py --env "$OUT/kernel_tiles.env" ${KERNELS_ARGS:-} \
+  2>&1 | tee "$OUT/triton_kernels.txt"
 if [ -f "$OUT/kernel_tiles.env" ]; then set -a; . "$OUT/kernel_tiles.env"; set +a; fi; }  # the later steps use them
 
 want perf && { step "performance suite: workloads x reference/fast-eager/fast x fp32/bf16"
@@ -75,7 +75,7 @@ want compile && for mode in ${COMPILE_MODES:-default reduce-overhead}; do
     --compile "$mode" --repeats 5 --warmup 3 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/perf_compile.txt"; done
 
 want finetune && {  # the GPU fine-tunes side by side on the one GPU, time-boxed; the CUDA tests run beside them
-FT_CONFIGS=${FT_CONFIGS:-"sr-x2 sr-x4 denoise-25"}
+FT_CONFIGS=${FT_CONFIGS:-"sr-x2 sr-x4 denoise-25 derain-light"}
 FT_SECONDS=${FT_SECONDS:-300}; left=$(( DEADLINE - $(date +%s) - 30 ))
 [ "$left" -lt "$FT_SECONDS" ] && FT_SECONDS=$left
 step "GPU fine-tunes ($FT_CONFIGS) for at most $FT_SECONDS s"
@@ -96,7 +96,7 @@ for t in $FT_CONFIGS; do
   [ -n "$w" ] && cp "$w" "$OUT/ft-$t.safetensors" && echo "weights: $w -> $OUT/ft-$t.safetensors"
 done
 tar -czf "$OUT/ft-logs.tar.gz" runs/gpu-t-*-ft.log runs/gpu-t-*-ft/log.jsonl runs/gpu-t-*-ft/config.yaml 2>/dev/null
-for t in sr-x2 sr-x4; do [ -f "$OUT/ft-$t.safetensors" ] && timeout 40 $PY -m edtir eval --task $t \
+for t in ${FT_EVAL-sr-x2 sr-x4}; do [ -f "$OUT/ft-$t.safetensors" ] && timeout 40 $PY -m edtir eval --task $t \
   --weights "$OUT/ft-$t.safetensors" --data ../shared/data/Set5 --device $DEV --no-progress 2>&1 | tail -2; done; }
 
 want multi && {

@@ -145,14 +145,22 @@ def runner(model, s, device, precision, tile_cfg):
     return run
 
 
-def time_paths(run_by_path, device, repeats, warmup):
-    """{path: (times, first output)} with the paths interleaved."""
-    out, times = {}, {p: [] for p in run_by_path}
-    for path, run in run_by_path.items():
-        with path_mode(path):
-            out[path] = run().float().cpu()
-            for _ in range(warmup - 1):
-                run()
+def time_paths(run_by_path, device, repeats, warmup, errors=None):
+    """{path: (times, first output)} with the paths interleaved. A path whose first run fails (a CUDA graph that
+    does not capture, say) is left out, its error in ``errors``, and the others go on."""
+    out = {}
+    for path, run in list(run_by_path.items()):
+        try:
+            with path_mode(path):
+                out[path] = run().float().cpu()
+                for _ in range(warmup - 1):
+                    run()
+        except Exception as e:
+            if errors is None:
+                raise
+            errors[path] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    run_by_path = {p: r for p, r in run_by_path.items() if p in out}
+    times = {p: [] for p in run_by_path}
     for _ in range(repeats):
         for path, run in run_by_path.items():
             with path_mode(path):
@@ -203,11 +211,11 @@ def row(name, path, prec, med=None, mn=None, speedup=None, mem=None, tflops=None
     def f(v, fmt):
         ok = isinstance(v, (int, float)) and v == v  # not None, not NaN
         return format(v, fmt) if ok else format("-", ">" + fmt.split(".")[0])
-    return (f"{name:<30}{path:<15}{prec:<6}{f(med, '10.4f')}{f(mn, '10.4f')}{f(speedup, '8.2f')}"
+    return (f"{name:<30}{path:<20}{prec:<6}{f(med, '10.4f')}{f(mn, '10.4f')}{f(speedup, '8.2f')}"
             f"{f(mem, '10.0f')}{f(tflops, '10.4f')}{f(floor, '8.1f')}  {check}")
 
 
-HEADER = (f"{'workload':<30}{'path':<15}{'prec':<6}{'median s':>10}{'min s':>10}{'vs ref':>8}{'peak MiB':>10}"
+HEADER = (f"{'workload':<30}{'path':<20}{'prec':<6}{'median s':>10}{'min s':>10}{'vs ref':>8}{'peak MiB':>10}"
           f"{'TFLOP/s':>10}{'x floor':>8}  check")
 
 
@@ -220,11 +228,14 @@ def inference_rows(name, s, device, precisions, paths, args):
     for prec in precisions:
         runs = {p: runner(model if p != "fast+compile" else compiled(model, args), s, device, prec, tile_cfg)
                 for p in paths}
+        runs = {p: graphed(run, device) if p.endswith("+graph") else run for p, run in runs.items()}
         if cpu_tiled:  # minutes per run on the CPU: one run per path, in its own process (time and memory)
             res = {p: child_rss(name, p, prec, args) for p in paths}
             times = {p: ([r["seconds"]], None) for p, r in res.items() if "seconds" in r}
         else:
-            times = time_paths({p: runs[p] for p in paths}, device, args.repeats, args.warmup)
+            errors = {}
+            times = time_paths({p: runs[p] for p in paths}, device, args.repeats, args.warmup, errors)
+            res = {p: {"error": e} for p, e in errors.items()}
         ref_fp32 = ref_fp32 if ref_fp32 is not None or "reference" not in times else times["reference"][1]
         for p in paths:
             if p not in times:
@@ -249,6 +260,30 @@ def inference_rows(name, s, device, precisions, paths, args):
                       flop / med / 1e12, med / (flop / peak), check), flush=True)
 
 
+def graphed(run, device):
+    """``run`` replayed from a CUDA graph, captured at its first call (after two calls on a side stream: kernels
+    compiled, weights laid out): no launch costs, the same input each time, as in a restore of same-sized tiles."""
+    if device.type != "cuda":
+        raise SystemExit("a +graph path needs --device cuda")
+    state = {}
+
+    def replay():
+        if "graph" not in state:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                run()
+                run()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state["out"] = run()
+            state["graph"] = graph
+        state["graph"].replay()
+        return state["out"]
+    return replay
+
+
 def compiled(model, args):
     """A copy of the model with each block compiled (``edt.compile_blocks``); the other paths keep the eager one."""
     import copy
@@ -258,17 +293,31 @@ def compiled(model, args):
     return compile_blocks(copy.deepcopy(model), None if args.compile == "default" else args.compile)
 
 
+PATH_OPTIONS = ("eager", "cublas", "ffn", "all", "norms", "tf32x3", "ieee", "rows2", "rows4")
+
+
 def path_mode(path: str):
     """The formulation a path runs, as a context: ``fast`` uses the fused Triton kernels (CUDA inference) and the C
     attention kernel (CPU fp32 inference) where they serve, ``fast-eager`` is the fast path without them,
-    ``fast+compile`` the fast path compiled."""
+    ``fast+compile`` the fast path compiled. More options after a dash set the Triton kernels' settings for the
+    path (``fast-tf32x3``, ``fast-cublas-tf32x3``): ``cublas`` / ``ffn`` / ``all`` / ``norms`` which products run
+    in Triton (``EDTIR_TRITON_PRODUCTS`` none / ffn / all / norms), ``tf32x3`` / ``ieee`` how the kernels multiply fp32
+    (``EDTIR_FP32_PRODUCTS``)."""
     from edtir.models import cpu_kernel, kernels
     from edtir.models.edt import attention_mode
 
+    base, *options = path.split("+")[0].split("-")
+    bad = [o for o in options if o not in PATH_OPTIONS]
+    if bad:
+        raise SystemExit(f"path {path!r}: unknown option {bad[0]!r} (options: {', '.join(PATH_OPTIONS)})")
+    products = next(({"cublas": "none"}.get(o, o) for o in options if o in ("cublas", "ffn", "all", "norms")), None)
+    fp32 = next((o for o in options if o in ("tf32x3", "ieee")), None)
+    rows = next((int(o[4:]) for o in options if o.startswith("rows")), None)
     stack = contextlib.ExitStack()
-    stack.enter_context(attention_mode(path.split("+")[0].removesuffix("-eager")))
-    stack.enter_context(kernels.enabled(not path.endswith("-eager")))
-    stack.enter_context(cpu_kernel.enabled(not path.endswith("-eager")))
+    stack.enter_context(attention_mode(base))
+    stack.enter_context(kernels.enabled("eager" not in options))
+    stack.enter_context(kernels.settings(products, fp32, rows))
+    stack.enter_context(cpu_kernel.enabled("eager" not in options))
     return stack
 
 
@@ -322,7 +371,7 @@ def quality_rows(name, s, device, precisions, paths, args):
             folder = Path(tmp)
         base = None
         for prec in precisions:
-            for p in (q for q in paths if q != "fast+compile"):
+            for p in (q for q in paths if "+" not in q):  # compiled or graphed: fixed sizes
                 with path_mode(p):
                     r = evaluate_folder(model, "sr-x2", folder, device=device, precision=prec, progress=False)
                 base = r["psnr"] if base is None else base
@@ -335,7 +384,8 @@ def main() -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--workloads", help="comma list (default: every workload for the device)")
     ap.add_argument("--paths", default="reference,fast",
-                    help="comma list of reference, fast, fast-eager (the fast path without the Triton and C kernels)")
+                    help="comma list of reference, fast, fast-eager (the fast path without the Triton and C kernels); "
+                         "fast-OPTION[-OPTION] sets the Triton kernels' products (see path_mode), e.g. fast-tf32x3")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32,bf16")
     ap.add_argument("--threads", type=int, help="CPU threads (default 2; 1 with --quick)")
     ap.add_argument("--repeats", type=int, help="timed runs per cell (default 3 CPU, 5 GPU; 1 with --quick)")
@@ -373,6 +423,9 @@ def main() -> int:
         print(f"unknown workload {unknown[0]!r}; expected one of: {', '.join(WORKLOADS)}", file=sys.stderr)
         return 2
     paths = args.paths.split(",") + (["fast+compile"] if args.compile else [])
+    for p in paths:  # an unknown option fails here, before any work
+        with path_mode(p):
+            pass
     precisions = args.precisions.split(",")
     where = torch.cuda.get_device_name(device) if gpu else \
         f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"

@@ -65,9 +65,12 @@ def test_dwconv_gelu_and_layer_norm_equal_pytorch():
     torch.manual_seed(2)
     x = torch.randn(2, 7, 37, 20, device=DEVICE)  # widths and channels that are not multiples of the blocks
     w, b = torch.randn(20, 1, 5, 5, device=DEVICE), torch.randn(20, device=DEVICE)
-    out = kernels.dwconv_gelu(x, w, b, blocks=(16, 16))
     ref = F.gelu(F.conv2d(x.permute(0, 3, 1, 2), w, b, padding=2, groups=20)).permute(0, 2, 3, 1)
-    assert (out - ref).abs().max() <= 1e-4
+    for rows in (1, 2, 4):  # 7 rows: the last program of 2 or 4 rows has rows beyond the map
+        out = kernels.dwconv_gelu(x, w, b, blocks=(16, 16), rows=rows)
+        assert (out - ref).abs().max() <= 1e-4, rows
+    with pytest.raises(ValueError, match="rows"):
+        kernels.dwconv_gelu(x, w, b, rows=3)
     norm = torch.nn.LayerNorm(20).to(DEVICE)
     norm.weight.data.normal_()
     norm.bias.data.normal_()
@@ -82,19 +85,74 @@ def test_dwconv_gelu_and_layer_norm_equal_pytorch():
 
 
 @runs_here
-@pytest.mark.parametrize("task,shape", [("sr-x2", (2, 3, 8, 16)), ("denoise-25", (1, 3, 32, 64))])
-def test_fused_model_equals_reference(task, shape, monkeypatch):
+@pytest.mark.parametrize("m,k,n,ldw", [(300, 192, 360, 360), (77, 360, 180, 184), (5, 40, 20, 24)])
+def test_linear_with_its_epilogues_equals_pytorch(m, k, n, ldw):
+    """The product kernel: K not a multiple of its depth, N narrower than the padded weight, rows not a multiple
+    of the tile; plain, with GELU, with the residual added."""
+    g = torch.Generator().manual_seed(5)
+    a, w, b = torch.randn(m, k, generator=g), torch.randn(ldw, k, generator=g) * 0.1, torch.randn(ldw, generator=g)
+    r = torch.randn(m, n, generator=g).to(DEVICE)
+    a, w, b = a.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
+    wt, bf = kernels.product_weights((w, b))
+    ref = F.linear(a, w, b)[:, :n]
+    blocks = (32, 32, 32, 4)
+    assert (kernels.linear(a, wt, bf, n, blocks=blocks) - ref).abs().max() <= 1e-4
+    assert (kernels.linear(a, wt, bf, n, gelu=True, blocks=blocks) - F.gelu(ref)).abs().max() <= 1e-4
+    out = kernels.linear(a.view(m, 1, k), wt, bf, n, residual=r.view(m, 1, n), blocks=(32, 64, 32, 4))
+    assert out.shape == (m, 1, n) and (out.view(m, n) - (ref + r)).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="linear"):
+        kernels.linear(a, wt, bf, ldw + 8)
+
+
+@runs_here
+def test_norm_inside_the_product_equals_pytorch():
+    """The norm-and-product kernel: rows not a multiple of its tile, N not a multiple of its step, the weight wider
+    than the norm (zero rows) and than N; with the residual added from a column slice, and GELU."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 7, 20, generator=g).to(DEVICE)
+    wide = torch.randn(3, 7, 24, generator=g).to(DEVICE)
+    norm = torch.nn.LayerNorm(20)
+    norm.weight.data.normal_(generator=g)
+    norm.bias.data.normal_(generator=g)
+    norm = norm.to(DEVICE)
+    w, b = torch.randn(40, 32, generator=g).to(DEVICE), torch.randn(40, generator=g).to(DEVICE)
+    w[:, 20:] = 0  # the zero columns a padded norm width gives
+    wt, bf = kernels.product_weights((w, b))
+    blocks = (16, 16, 4)
+    out = kernels.norm_linear(x, norm, wt, bf, 36, blocks=blocks)
+    assert out.shape == (3, 7, 36) and (out - F.linear(norm(x), w[:, :20], b)[..., :36]).abs().max() <= 1e-4
+    total, out = kernels.norm_linear(x, norm, wt, bf, 40, gelu=True, add=wide[..., :20], blocks=blocks)
+    assert (total - (x + wide[..., :20])).abs().max() <= 1e-6
+    assert (out - F.gelu(F.linear(norm(total), w[:, :20], b))).abs().max() <= 1e-4
+
+
+@runs_here
+@pytest.mark.parametrize("task,shape,products", [
+    ("sr-x2", (2, 3, 8, 16), "none"), ("denoise-25", (1, 3, 32, 64), "none"),
+    ("sr-x2", (2, 3, 8, 16), "all"), ("denoise-25", (1, 3, 32, 64), "norms")])
+def test_fused_model_equals_reference(task, shape, products, monkeypatch):
     """A whole EDT (EDT-T widths, small windows so the interpreter copes) through the fused kernels equals the
-    reference path in fp32."""
+    reference path in fp32, with the products in cuBLAS, in the Triton kernel ("ffn" is a part of "all"), and with
+    the norms inside the products."""
     monkeypatch.setattr(kernels, "ATTENTION_BLOCKS", BLOCKS)
+    for name, tiles in (("LINEAR_BLOCKS", (32, 32, 32, 4)), ("NORM_LINEAR_BLOCKS", (16, 32, 4))):
+        monkeypatch.setattr(kernels, name, tiles)
+        monkeypatch.setattr(kernels, name + "_FP32", tiles)
+    monkeypatch.setattr(kernels, "PRODUCTS", products)
+    monkeypatch.setattr(kernels, "DWCONV_ROWS", {"none": 1, "all": 2, "norms": 4}[products])
     model = sharpen(edtir.build_model("T", [task], depths=(2,), window_size=(4, 8), drop_path=0.0)).to(DEVICE).eval()
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    used = []
+    used, products_used = [], []
     monkeypatch.setattr(kernels, "window_attention", lambda *a, _f=kernels.window_attention, **k:
                         used.append(1) or _f(*a, **k))
+    monkeypatch.setattr(kernels, "linear", lambda *a, _f=kernels.linear, **k: products_used.append(1) or _f(*a, **k))
+    monkeypatch.setattr(kernels, "norm_linear", lambda *a, _f=kernels.norm_linear, **k:
+                        products_used.append(2) or _f(*a, **k))
     with torch.no_grad():
         fused = model(x, task)
         assert used, "the fused kernels did not run"
+        # four products in each of two blocks; with "norms", two of them with their norms (2 in the list)
+        assert products_used == {"none": [], "all": [1] * 8, "norms": [2, 1, 2, 1] * 2}[products]
         with reference_mode():
             ref = model(x, task)
         with kernels.enabled(False):
@@ -125,6 +183,28 @@ def test_tile_settings_from_the_environment(monkeypatch):
         monkeypatch.setenv("EDTIR_ATTENTION_BLOCKS", bad)
         with pytest.raises(UsageError, match="EDTIR_ATTENTION_BLOCKS"):
             kernels._tiles("EDTIR_ATTENTION_BLOCKS", (32, 16, 2))
+    monkeypatch.setenv("EDTIR_LINEAR_BLOCKS", "64,128,32,8")
+    assert kernels._tiles("EDTIR_LINEAR_BLOCKS", (128, 128, 64, 4)) == (64, 128, 32, 8)
+    monkeypatch.setenv("EDTIR_LINEAR_BLOCKS", "64,128,32")
+    with pytest.raises(UsageError, match="expected 4 powers of two"):
+        kernels._tiles("EDTIR_LINEAR_BLOCKS", (128, 128, 64, 4))
+    for value, bf16, fp32 in (("auto", "ffn", ""), ("none", "", ""), ("all", "all", "all"),
+                              ("norms", "norms", "norms")):
+        monkeypatch.setenv("EDTIR_TRITON_PRODUCTS", value)
+        monkeypatch.setattr(kernels, "PRODUCTS", kernels._products())
+        monkeypatch.setattr(kernels, "FP32_PRODUCTS", "ieee")
+        assert (kernels.products_in_triton(torch.bfloat16), kernels.products_in_triton(torch.float32)) == (bf16, fp32)
+    monkeypatch.setattr(kernels, "PRODUCTS", "auto")
+    monkeypatch.setattr(kernels, "FP32_PRODUCTS", "tf32x3")
+    assert kernels.products_in_triton(torch.float32) == "all"  # fp32 products on tensor cores: all four in Triton
+    monkeypatch.setenv("EDTIR_DWCONV_ROWS", "4")
+    assert kernels._dwconv_rows() == 4
+    monkeypatch.setenv("EDTIR_DWCONV_ROWS", "3")
+    with pytest.raises(UsageError, match="EDTIR_DWCONV_ROWS"):
+        kernels._dwconv_rows()
+    monkeypatch.setenv("EDTIR_TRITON_PRODUCTS", "cublas")
+    with pytest.raises(UsageError, match="EDTIR_TRITON_PRODUCTS"):
+        kernels._products()
     monkeypatch.setenv("EDTIR_FP32_PRODUCTS", "tf32x3")
     assert kernels._fp32_products() == "tf32x3"
     monkeypatch.setenv("EDTIR_FP32_PRODUCTS", "tf32")  # TF32 alone would break the fp32 bound
@@ -181,13 +261,16 @@ def test_bf16_kernels_on_cuda():
 
 @pytest.mark.skipif(not (CUDA and kernels.available()), reason="needs a CUDA GPU with Triton")
 @pytest.mark.parametrize("size", ["T", "B"])
-def test_fused_edt_on_cuda(size):
-    """EDT-T/B widths, the default 6x24 windows and tiles: fused = reference in fp32 (TF32 off), close in bf16."""
+@pytest.mark.parametrize("products,fp32_products", [("none", "ieee"), ("auto", "tf32x3"), ("all", "ieee")])
+def test_fused_edt_on_cuda(size, products, fp32_products):
+    """EDT-T/B widths, the default 6x24 windows and tiles: fused = reference in fp32 (TF32 off), close in bf16;
+    with the products in cuBLAS, in the Triton kernel with three TF32 products (fp32's default there), and in
+    the Triton kernel at full precision."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     model = sharpen(edtir.build_model(size, ["sr-x2"], depths=(2, 2), drop_path=0.0)).cuda().eval()
     x = torch.rand(2, 3, 48, 72, device="cuda")
-    with torch.no_grad():
+    with torch.no_grad(), kernels.settings(products, fp32_products):
         fused = model(x)
         with reference_mode():
             ref = model(x)

@@ -871,18 +871,37 @@ class EDTBlock(nn.Module):
         the products' dtype, 16-aligned wide (zero columns; the weights get zero columns too), the second one fused
         with the residual add before it; both attention branches with the shift mask and LePE in one kernel that
         reads the qkv map and writes ``proj``'s input (no gather, scatter or mask tensor); the FFN's depthwise conv
-        with its GELU in one kernel on the channel-last map. The matrix products are PyTorch's, on weights laid out
-        for this once (:meth:`fused_weights`)."""
+        with its GELU in one kernel on the channel-last map. The matrix products run on weights laid out for this
+        once (:meth:`fused_weights`): cuBLAS's, or Triton's with their epilogues (fc1's GELU, fc2's bias and residual
+        add) where :func:`kernels.products_in_triton` says."""
         B, H, W, C = x.shape
         a = self.attns[0]
         dtype = kernels.out_dtype(x)
         wq, bq, wp, bp, w1, b1, w2, b2, lw, lb = self.fused_weights(dtype, x.device)
         width = wq.shape[1]
-        qkv = F.linear(kernels.layer_norm(x, self.norm1, width=width), wq, bq)  # (B, H, W, [branch, q/k/v, head, D])
+        triton_products = kernels.products_in_triton(dtype)  # "", "ffn" or "all": see kernels.PRODUCTS
+        if triton_products:
+            wqt, bqf, wpt, bpf, w1t, b1f, w2t, b2f = self.cached_weights(
+                f"products {dtype} {x.device}", lambda: kernels.product_weights((wq, bq), (wp, bp), (w1, b1), (w2, b2)))
+        conv = self.mlp.dwconv
+        if triton_products == "norms":  # each norm inside the product after it
+            qkv = kernels.norm_linear(x, self.norm1, wqt, bqf, wq.shape[0])
+            y = kernels.window_attention(qkv, (B, H, W), a.window, self.shift_h, a.heads, a.head_dim, lw, lb)
+            x, h = kernels.norm_linear(x, self.norm2, w1t, b1f, w1.shape[0], gelu=True,
+                                       add=kernels.linear(y, wpt, bpf, C))
+            return kernels.linear(kernels.dwconv_gelu(h, conv.weight, conv.bias), w2t, b2f, C, residual=x)
+        h = kernels.layer_norm(x, self.norm1, width=width)
+        if triton_products == "all":
+            qkv = kernels.linear(h, wqt, bqf, wq.shape[0])  # (B, H, W, [branch, q/k/v, head, D])
+        else:
+            qkv = F.linear(h, wq, bq)
         y = kernels.window_attention(qkv, (B, H, W), a.window, self.shift_h, a.heads, a.head_dim, lw, lb)
-        y = F.linear(y, wp, bp)[..., :C]
+        y = kernels.linear(y, wpt, bpf, C) if triton_products == "all" else F.linear(y, wp, bp)[..., :C]
         x, h = kernels.layer_norm(x, self.norm2, add=y, width=width)  # the residual add and the norm in one pass
-        h = kernels.dwconv_gelu(F.gelu(F.linear(h, w1, b1)), self.mlp.dwconv.weight, self.mlp.dwconv.bias)
+        if triton_products:  # GELU in fc1's kernel, fc2's bias and the residual add in fc2's
+            h = kernels.dwconv_gelu(kernels.linear(h, w1t, b1f, w1.shape[0], gelu=True), conv.weight, conv.bias)
+            return kernels.linear(h, w2t, b2f, C, residual=x)
+        h = kernels.dwconv_gelu(F.gelu(F.linear(h, w1, b1)), conv.weight, conv.bias)
         return x + F.linear(h, w2, b2)[..., :C]
 
     def fused_weights(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:

@@ -19,6 +19,7 @@ GPU against the reference path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -218,6 +219,131 @@ if triton is not None:
         tl.store(dst + x[:, None] * CH + c[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(x < W)[:, None] & ok_c[None, :])
 
+    @triton.jit(do_not_specialize=["H", "W"])
+    def _dwconv_gelu_rows_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, CH: tl.constexpr, K: tl.constexpr,
+                                 ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # as _dwconv_gelu_kernel, for ROWS (2 or 4) output rows at once: each of the ROWS + K - 1 input rows is read
+        # once per horizontal tap and feeds every output row it reaches, (ROWS + K - 1) * K loads instead of
+        # ROWS * K * K. Input rows are unrolled (which output rows a row reaches is known at compile time), the
+        # horizontal taps are a loop
+        nrb = tl.cdiv(H, ROWS)
+        img = tl.program_id(0) // nrb
+        y0 = (tl.program_id(0) % nrb) * ROWS
+        x = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok_c = c < CH
+        bias = tl.load(b_ptr + c, mask=ok_c, other=0.0)[None, :]
+        acc0 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32) + bias
+        acc1 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32) + bias
+        acc2 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32) + bias
+        acc3 = tl.zeros([BLOCK_W, BLOCK_C], tl.float32) + bias
+        image = x_ptr + img.to(tl.int64) * H * W * CH
+        wc = w_ptr + c  # weights (K * K, CH): a tap's weights are contiguous over channels (16-byte loads)
+        for i in tl.static_range(ROWS + K - 1):
+            yy = y0 + i - K // 2
+            src = image + yy.to(tl.int64) * W * CH
+            yv = yy + tl.zeros_like(x)
+            for kx in range(K):
+                xx = x + kx - K // 2
+                ok = (yv >= 0) & (yv < H) & (xx >= 0) & (xx < W)
+                v = tl.load(src + xx[:, None] * CH + c[None, :], mask=ok[:, None] & ok_c[None, :],
+                            other=0.0).to(tl.float32)
+                if i < K:  # output row y0 reads this row through tap row i
+                    acc0 += v * tl.load(wc + (i * K + kx) * CH, mask=ok_c, other=0.0)[None, :]
+                if i >= 1 and i < K + 1:
+                    acc1 += v * tl.load(wc + ((i - 1) * K + kx) * CH, mask=ok_c, other=0.0)[None, :]
+                if ROWS > 2:
+                    if i >= 2 and i < K + 2:
+                        acc2 += v * tl.load(wc + ((i - 2) * K + kx) * CH, mask=ok_c, other=0.0)[None, :]
+                    if i >= 3 and i < K + 3:
+                        acc3 += v * tl.load(wc + ((i - 3) * K + kx) * CH, mask=ok_c, other=0.0)[None, :]
+        ok_x = (x < W)[:, None] & ok_c[None, :]
+        y_out = y0 + tl.zeros_like(x)  # a vector: the interpreter rejects scalar & vector masks
+        dst = out_ptr + (img.to(tl.int64) * H + y0) * W * CH + x[:, None] * CH + c[None, :]
+        acc0 = 0.5 * acc0 * (1.0 + tl.erf(acc0 * 0.7071067811865476))  # exact GELU, as F.gelu
+        tl.store(dst, acc0.to(out_ptr.dtype.element_ty), mask=ok_x)
+        acc1 = 0.5 * acc1 * (1.0 + tl.erf(acc1 * 0.7071067811865476))
+        tl.store(dst + W * CH, acc1.to(out_ptr.dtype.element_ty), mask=ok_x & (y_out + 1 < H)[:, None])
+        if ROWS > 2:
+            acc2 = 0.5 * acc2 * (1.0 + tl.erf(acc2 * 0.7071067811865476))
+            tl.store(dst + 2 * W * CH, acc2.to(out_ptr.dtype.element_ty), mask=ok_x & (y_out + 2 < H)[:, None])
+            acc3 = 0.5 * acc3 * (1.0 + tl.erf(acc3 * 0.7071067811865476))
+            tl.store(dst + 3 * W * CH, acc3.to(out_ptr.dtype.element_ty), mask=ok_x & (y_out + 3 < H)[:, None])
+
+    @triton.jit(do_not_specialize=["M"])
+    def _linear_kernel(a_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, K: tl.constexpr, N: tl.constexpr, LDW: tl.constexpr,
+                       GELU: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr, F32_PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program: a BLOCK_M x BLOCK_N tile of a (M, K) @ w (K, N; row stride LDW) + bias, then GELU or the
+        # residual (M, N) added in registers. Programs of one row band run one after another (n fastest), so the
+        # band of a is read from memory once and from L2 after
+        NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        EVEN_K: tl.constexpr = K % BLOCK_K == 0
+        pid = tl.program_id(0)
+        rm = (pid // NUM_N).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (pid % NUM_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        ok_m = rm < M
+        ok_n = rn < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            ok_k = kk < K
+            if EVEN_K:
+                a = tl.load(a_ptr + rm[:, None] * K + kk[None, :], mask=ok_m[:, None], other=0.0)
+                w = tl.load(w_ptr + kk[:, None] * LDW + rn[None, :], mask=ok_n[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptr + rm[:, None] * K + kk[None, :], mask=ok_m[:, None] & ok_k[None, :], other=0.0)
+                w = tl.load(w_ptr + kk[:, None] * LDW + rn[None, :], mask=ok_k[:, None] & ok_n[None, :], other=0.0)
+            if DOT_F32:
+                acc = tl.dot(a, w, acc, input_precision=F32_PREC)
+            else:
+                acc = tl.dot(a, w, acc)
+        acc += tl.load(b_ptr + rn, mask=ok_n, other=0.0)[None, :]
+        if GELU:
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # exact GELU, as F.gelu
+        ok = ok_m[:, None] & ok_n[None, :]
+        if RESIDUAL:
+            acc += tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _norm_linear_kernel(x_ptr, y_ptr, sum_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, out_ptr, M, eps, C: tl.constexpr,
+                            YS: tl.constexpr, N: tl.constexpr, LDW: tl.constexpr, HAS_Y: tl.constexpr,
+                            GELU: tl.constexpr, DOT_F32: tl.constexpr, F32_PREC: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        # one program: BLOCK_M rows of x (+ y, row stride YS, the sum stored), layer-normed in registers (fp32
+        # statistics), then multiplied by w (C, N; row stride LDW) BLOCK_N columns at a time, + bias (+ GELU):
+        # the norm's output never goes to memory, and each row is read once for all N columns
+        r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.arange(0, BLOCK_C)
+        ok_r = r < M
+        ok_c = c < C
+        ok = ok_r[:, None] & ok_c[None, :]
+        x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_Y:
+            x += tl.load(y_ptr + r[:, None] * YS + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(sum_ptr + r[:, None] * C + c[None, :], x.to(sum_ptr.dtype.element_ty), mask=ok)
+        mean = tl.sum(x, 1) / C
+        d = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
+        a = d * rstd[:, None] * tl.load(nw_ptr + c, mask=ok_c, other=0.0)[None, :] \
+            + tl.load(nb_ptr + c, mask=ok_c, other=0.0)[None, :]
+        a = a.to(w_ptr.dtype.element_ty)  # the padded columns are zero: w's rows there are read as zeros too
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            ok_n = rn < N
+            w = tl.load(w_ptr + c[:, None] * LDW + rn[None, :], mask=ok_c[:, None] & ok_n[None, :], other=0.0)
+            if DOT_F32:
+                acc = tl.dot(a, w, input_precision=F32_PREC)
+            else:
+                acc = tl.dot(a, w)
+            acc += tl.load(b_ptr + rn, mask=ok_n, other=0.0)[None, :]
+            if GELU:
+                acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+            tl.store(out_ptr + r[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=ok_r[:, None] & ok_n[None, :])
+
     @triton.jit(do_not_specialize=["M"])
     def _layer_norm_kernel(x_ptr, y_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, M, eps, C: tl.constexpr, YS: tl.constexpr,
                            CP: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -239,9 +365,9 @@ if triton is not None:
                  mask=(r < M)[:, None] & (c < CP)[None, :])
 
 
-def _tiles(name: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
+def _tiles(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     """Tile sizes and warps from the environment (``benchmarks/triton_kernels.py --env`` writes them), else
-    ``default``."""
+    ``default`` (as many powers of two as it has)."""
     raw = os.environ.get(name)
     if not raw:
         return default
@@ -249,8 +375,9 @@ def _tiles(name: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
         tiles = tuple(int(v) for v in raw.split(","))
     except ValueError:
         tiles = ()
-    if len(tiles) != 3 or any(v <= 0 or v & (v - 1) for v in tiles):
-        raise UsageError(f"{name}={raw!r}: expected three powers of two, e.g. {','.join(map(str, default))}")
+    if len(tiles) != len(default) or any(v <= 0 or v & (v - 1) for v in tiles):
+        raise UsageError(f"{name}={raw!r}: expected {len(default)} powers of two, e.g. "
+                         f"{','.join(map(str, default))}")
     return tiles
 
 
@@ -291,19 +418,143 @@ def window_attention(qkv: torch.Tensor, shape, window: tuple[int, int], shift: t
 
 
 def _fp32_products() -> str:
-    value = os.environ.get("EDTIR_FP32_PRODUCTS", "ieee")
+    value = os.environ.get("EDTIR_FP32_PRODUCTS", "tf32x3")
     if value not in ("ieee", "tf32x3"):
         raise UsageError(f"EDTIR_FP32_PRODUCTS={value!r}: expected ieee or tf32x3")
     return value
 
 
-#: how the attention kernel multiplies fp32 inputs (EDTIR_FP32_PRODUCTS): "ieee" (full precision, no tensor cores;
-#: what run 6 measured) or "tf32x3" (three TF32 products that make up an fp32 one, on tensor cores; not yet timed)
+#: how the kernels multiply fp32 inputs (EDTIR_FP32_PRODUCTS): "tf32x3" (three TF32 products that make up an fp32
+#: one, on tensor cores: EDT-B 240x360 on an H200 84 ms instead of 118, output within 2e-7 of the reference like
+#: "ieee"; docs/performance.md) or "ieee" (full precision on the FMA units)
 FP32_PRODUCTS = _fp32_products()
 
 
 #: pixels, channels, warps per program of the depthwise conv kernel (EDTIR_DWCONV_BLOCKS)
 DWCONV_BLOCKS = _tiles("EDTIR_DWCONV_BLOCKS", (16, 128, 4))
+
+
+def _dwconv_rows() -> int:
+    value = os.environ.get("EDTIR_DWCONV_ROWS", "2")
+    if value not in ("1", "2", "4"):
+        raise UsageError(f"EDTIR_DWCONV_ROWS={value!r}: expected 1, 2 or 4")
+    return int(value)
+
+
+#: output rows per program of the depthwise conv (EDTIR_DWCONV_ROWS): 2 or 4 share each input row's loads; 2 was
+#: the fastest on an H200 (EDT-B's FFN conv at 240x360, bf16: 0.183 ms against 0.200 for 1 and 0.204-0.288 for 4)
+DWCONV_ROWS = _dwconv_rows()
+
+
+#: rows, columns, depth, warps per program of the product kernel, bf16/fp16 (EDTIR_LINEAR_BLOCKS) and fp32
+#: (EDTIR_LINEAR_BLOCKS_FP32): the fastest of benchmarks/triton_kernels.py's sweep on an H200 (tiles that spill
+#: registers for sm_90, benchmarks/triton_compile_check.py, are not swept)
+LINEAR_BLOCKS = _tiles("EDTIR_LINEAR_BLOCKS", (128, 64, 32, 4))
+LINEAR_BLOCKS_FP32 = _tiles("EDTIR_LINEAR_BLOCKS_FP32", (128, 64, 32, 8))
+
+
+def _products() -> str:
+    value = os.environ.get("EDTIR_TRITON_PRODUCTS", "auto")
+    if value not in ("auto", "none", "ffn", "all", "norms"):
+        raise UsageError(f"EDTIR_TRITON_PRODUCTS={value!r}: expected auto, none, ffn, all or norms")
+    return value
+
+
+#: which of a block's products :func:`linear` runs instead of cuBLAS (EDTIR_TRITON_PRODUCTS): "ffn" (fc1 with its
+#: GELU, fc2 with its bias and the residual add: one kernel each instead of a product and an elementwise pass),
+#: "all" (qkv and proj too), "norms" (all four, and the two layer norms inside qkv's and fc1's kernels:
+#: :func:`norm_linear`), "none"; "auto": see :func:`products_in_triton`
+PRODUCTS = _products()
+
+
+def products_in_triton(dtype: torch.dtype) -> str:
+    """Which products go through :func:`linear` for inputs of ``dtype``: the FFN's in bf16/fp16 (their epilogues
+    save whole passes over the hidden map); in fp32 all four when the products run as three TF32 products on
+    tensor cores (cuBLAS's fp32 products have no tensor cores with TF32 off), none with full-precision products."""
+    if PRODUCTS != "auto":
+        return "" if PRODUCTS == "none" else PRODUCTS
+    if dtype == torch.float32:
+        return "all" if FP32_PRODUCTS == "tf32x3" else ""
+    return "ffn"
+
+
+@contextlib.contextmanager
+def settings(products: str | None = None, fp32_products: str | None = None, dwconv_rows: int | None = None):
+    """:data:`PRODUCTS`, :data:`FP32_PRODUCTS` and :data:`DWCONV_ROWS` set for a block (benchmarks compare them in
+    one process); None keeps a setting."""
+    global PRODUCTS, FP32_PRODUCTS, DWCONV_ROWS
+    old = PRODUCTS, FP32_PRODUCTS, DWCONV_ROWS
+    PRODUCTS, FP32_PRODUCTS = products or PRODUCTS, fp32_products or FP32_PRODUCTS
+    DWCONV_ROWS = dwconv_rows or DWCONV_ROWS
+    try:
+        yield
+    finally:
+        PRODUCTS, FP32_PRODUCTS, DWCONV_ROWS = old
+
+
+def linear(a: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, n: int, gelu: bool = False,
+           residual: torch.Tensor | None = None, blocks: tuple[int, ...] | None = None,
+           fp32_products: str | None = None) -> torch.Tensor:
+    """``gelu?(a @ wt[:, :n] + bias[:n]) (+ residual)`` over the last dim of ``a`` in one kernel: ``wt`` is the
+    weight transposed, (K, >= n) (see :func:`product_weights`), ``bias`` fp32. The output has ``a``'s dtype, or the
+    residual's (the fp32 stream under autocast) when there is one; accumulation in fp32."""
+    K = a.shape[-1]
+    if wt.shape[0] != K or wt.shape[1] < n or wt.stride(1) != 1 or bias.shape[0] < n:
+        raise ValueError(f"linear: input width {K}, weight {tuple(wt.shape)}, bias {tuple(bias.shape)}, n {n}")
+    a2 = a.reshape(-1, K).contiguous()
+    M = a2.shape[0]
+    out = torch.empty(*a.shape[:-1], n, dtype=residual.dtype if residual is not None else a.dtype, device=a.device)
+    if residual is not None:
+        if residual.shape != out.shape:
+            raise ValueError(f"linear: residual {tuple(residual.shape)} for an output {tuple(out.shape)}")
+        residual = residual.contiguous()
+    bm, bn, bk, warps = tuple(blocks or (LINEAR_BLOCKS_FP32 if a.dtype == torch.float32 else LINEAR_BLOCKS))
+    grid = (triton.cdiv(M, bm) * triton.cdiv(n, bn),)
+    _linear_kernel[grid](a2, wt, bias, residual if residual is not None else out, out, M, K=K, N=n,
+                         LDW=wt.stride(0), GELU=gelu, RESIDUAL=residual is not None,
+                         DOT_F32=a2.dtype == torch.float32, F32_PREC=fp32_products or FP32_PRODUCTS,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
+    return out
+
+
+#: rows, columns per step, warps per program of the norm-and-product kernel, bf16/fp16
+#: (EDTIR_NORM_LINEAR_BLOCKS) and fp32 (EDTIR_NORM_LINEAR_BLOCKS_FP32); chosen as :data:`LINEAR_BLOCKS`
+NORM_LINEAR_BLOCKS = _tiles("EDTIR_NORM_LINEAR_BLOCKS", (64, 64, 8))
+NORM_LINEAR_BLOCKS_FP32 = _tiles("EDTIR_NORM_LINEAR_BLOCKS_FP32", (16, 64, 8))
+
+
+def norm_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, wt: torch.Tensor, bias: torch.Tensor, n: int,
+                gelu: bool = False, add: torch.Tensor | None = None, blocks: tuple[int, ...] | None = None,
+                fp32_products: str | None = None):
+    """``gelu?(norm(x) @ wt[:norm width, :n] + bias[:n])`` in one kernel: :func:`layer_norm` and :func:`linear`
+    without the norm's output in memory. ``wt`` (>= C, >= n) as :func:`product_weights` lays it out; the output has
+    ``wt``'s dtype. With ``add``: the norm of ``x + add`` (``add`` may be a column slice), returned as
+    ``(sum, out)`` like :func:`layer_norm`."""
+    C = x.shape[-1]
+    if wt.shape[0] < C or wt.shape[1] < n or wt.stride(1) != 1 or bias.shape[0] < n:
+        raise ValueError(f"norm_linear: input width {C}, weight {tuple(wt.shape)}, bias {tuple(bias.shape)}, n {n}")
+    x = x.contiguous()
+    M = x.numel() // C
+    out = torch.empty(*x.shape[:-1], n, dtype=wt.dtype, device=x.device)
+    y, ys, total = x, C, x
+    if add is not None:
+        y = add.flatten(0, -2)
+        if y.stride(-1) != 1:
+            y = y.contiguous()
+        ys = y.stride(0)
+        total = torch.empty_like(x, dtype=torch.promote_types(x.dtype, add.dtype))
+    bm, bn, warps = tuple(blocks or (NORM_LINEAR_BLOCKS_FP32 if wt.dtype == torch.float32 else NORM_LINEAR_BLOCKS))
+    _norm_linear_kernel[(triton.cdiv(M, bm),)](
+        x, y, total, norm.weight.float().contiguous(), norm.bias.float().contiguous(), wt, bias, out, M, norm.eps,
+        C=C, YS=ys, N=n, LDW=wt.stride(0), HAS_Y=add is not None, GELU=gelu, DOT_F32=wt.dtype == torch.float32,
+        F32_PREC=fp32_products or FP32_PRODUCTS, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=triton.next_power_of_2(C),
+        num_warps=warps)
+    return (total, out) if add is not None else out
+
+
+def product_weights(*pairs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """(weight, bias) pairs as :func:`linear` reads them: each weight transposed, contiguous; each bias fp32."""
+    return tuple(t for w, b in pairs for t in (w.t().contiguous(), b.float().contiguous()))
 
 
 def pad_lepe(weight: torch.Tensor, bias: torch.Tensor, heads: int, head_dim: int):
@@ -326,17 +577,26 @@ def pad_columns(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor
 
 
 def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                blocks: tuple[int, ...] | None = None) -> torch.Tensor:
+                blocks: tuple[int, ...] | None = None, rows: int | None = None) -> torch.Tensor:
     """GELU(depthwise conv(x) + bias), 'same' zero padding, on a channel-last (B, H, W, C) map; ``weight`` is the
-    conv's (C, 1, k, k). The accumulation is fp32 whatever x's dtype."""
+    conv's (C, 1, k, k). The accumulation is fp32 whatever x's dtype. ``rows``: output rows per program (1, 2
+    or 4; default :data:`DWCONV_ROWS`)."""
     B, H, W, C = x.shape
     k = weight.shape[-1]
     x = x.contiguous()
     out = torch.empty_like(x)
     bw, bc, warps = (tuple(blocks or DWCONV_BLOCKS) + (4,))[:3]
-    grid = (B * H, triton.cdiv(W, bw), triton.cdiv(C, bc))
-    _dwconv_gelu_kernel[grid](x, weight.float().reshape(C, k * k).contiguous(), bias.float().contiguous(), out,
-                              H, W, C, K=k, BLOCK_W=bw, BLOCK_C=bc, num_warps=warps)
+    rows = rows or DWCONV_ROWS
+    w, b = weight.float().reshape(C, k * k).contiguous(), bias.float().contiguous()
+    if rows == 1:
+        grid = (B * H, triton.cdiv(W, bw), triton.cdiv(C, bc))
+        _dwconv_gelu_kernel[grid](x, w, b, out, H, W, C, K=k, BLOCK_W=bw, BLOCK_C=bc, num_warps=warps)
+    elif rows in (2, 4):
+        grid = (B * triton.cdiv(H, rows), triton.cdiv(W, bw), triton.cdiv(C, bc))
+        _dwconv_gelu_rows_kernel[grid](x, w.t().contiguous(), b, out, H, W, C, K=k, ROWS=rows, BLOCK_W=bw,
+                                       BLOCK_C=bc, num_warps=warps)
+    else:
+        raise ValueError(f"dwconv_gelu: rows={rows}; expected 1, 2 or 4")
     return out
 
 
