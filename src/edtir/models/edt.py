@@ -879,7 +879,7 @@ class EDTBlock(nn.Module):
         dtype = kernels.out_dtype(x)
         wq, bq, wp, bp, w1, b1, w2, b2, lw, lb = self.fused_weights(dtype, x.device)
         width = wq.shape[1]
-        triton_products = kernels.products_in_triton(dtype)  # "", "ffn" or "all": see kernels.PRODUCTS
+        triton_products = kernels.products_in_triton(dtype)  # "", "ffn", "all" or "norms": kernels.PRODUCTS
         if triton_products:
             wqt, bqf, wpt, bpf, w1t, b1f, w2t, b2f = self.cached_weights(
                 f"products {dtype} {x.device}", lambda: kernels.product_weights((wq, bq), (wp, bp), (w1, b1), (w2, b2)))
