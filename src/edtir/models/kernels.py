@@ -2,7 +2,7 @@
 
 The eager fast path (``edt.py``) runs a block as about twenty kernels, most of them memory-bound: on an H200 an
 EDT-B x2 pass over a 240x360 input spent more time in PyTorch's depthwise-conv kernel, in cuDNN's flash attention
-at a sequence of 144 and in the copies around them than in the products (docs/performance.md). Here three kernels
+at a sequence of 144 and in the copies around them than in the products (docs/performance.md). Here these kernels
 replace that middle:
 
 - :func:`window_attention`: both branches' shifted window attention with LePE, read straight from the qkv
@@ -11,6 +11,9 @@ replace that middle:
 - :func:`dwconv_gelu`: the FFN's 5x5 depthwise conv, its bias and GELU on the channel-last map, no layout copy.
 - :func:`layer_norm`: LayerNorm that writes the dtype the next product wants (bf16 under autocast; PyTorch's
   autocast norm writes fp32, then the product casts it again).
+- :func:`linear`: a matrix product with its epilogue (fc1's GELU; fc2's bias and the residual add), and
+  :func:`norm_linear`, the norm inside the product; :data:`PRODUCTS` says which of a block's products use them.
+  fp32 products run as three TF32 products on tensor cores (:data:`FP32_PRODUCTS`).
 
 Used by :meth:`edt.EDTBlock.forward` for inference on CUDA when Triton is importable (``EDTIR_TRITON=0`` turns it
 off). Tests run them on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, see ``interpreting``) and on a
