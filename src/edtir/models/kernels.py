@@ -90,6 +90,28 @@ def out_dtype(x: torch.Tensor) -> torch.dtype:
 if triton is not None:
 
     @triton.jit
+    def _gelu(v):
+        """Exact GELU, as F.gelu."""
+        return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+
+    @triton.jit
+    def _add_norm_rows(x_ptr, y_ptr, sum_ptr, w_ptr, b_ptr, r, c, M, eps, C: tl.constexpr, YS: tl.constexpr,
+                       HAS_Y: tl.constexpr):
+        """Rows r of x (width C), plus rows of y (row stride YS) if HAS_Y with the sum stored to sum_ptr, layer-normed
+        (fp32 statistics): fp32, zeros in the columns c >= C."""
+        ok_c = c < C
+        ok = (r < M)[:, None] & ok_c[None, :]
+        x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        if HAS_Y:
+            x += tl.load(y_ptr + r[:, None] * YS + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            tl.store(sum_ptr + r[:, None] * C + c[None, :], x.to(sum_ptr.dtype.element_ty), mask=ok)
+        mean = tl.sum(x, 1) / C
+        d = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
+        return d * rstd[:, None] * tl.load(w_ptr + c, mask=ok_c, other=0.0)[None, :] \
+            + tl.load(b_ptr + c, mask=ok_c, other=0.0)[None, :]
+
+    @triton.jit
     def _positions(t, A: tl.constexpr, B: tl.constexpr, wr, wc, s_r, s_c, H, W, pix0, SHIFTED: tl.constexpr):
         """Token t (row-major in an A x B window at grid cell (wr, wc) of the map rolled by -(s_r, s_c)) ->
         (its pixel row in the token map, its shift-region label). A and B are constants, so t // B is cheap, and
@@ -217,7 +239,7 @@ if triton is not None:
                 ok = (yv >= 0) & (yv < H) & (xx >= 0) & (xx < W)
                 v = tl.load(src + xx[:, None] * CH + c[None, :], mask=ok[:, None] & ok_c[None, :], other=0.0)
                 acc += v.to(tl.float32) * tl.load(w_ptr + c * (K * K) + ky * K + kx, mask=ok_c, other=0.0)[None, :]
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # exact GELU, as F.gelu
+        acc = _gelu(acc)
         dst = out_ptr + row.to(tl.int64) * W * CH
         tl.store(dst + x[:, None] * CH + c[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(x < W)[:, None] & ok_c[None, :])
@@ -263,15 +285,11 @@ if triton is not None:
         ok_x = (x < W)[:, None] & ok_c[None, :]
         y_out = y0 + tl.zeros_like(x)  # a vector: the interpreter rejects scalar & vector masks
         dst = out_ptr + (img.to(tl.int64) * H + y0) * W * CH + x[:, None] * CH + c[None, :]
-        acc0 = 0.5 * acc0 * (1.0 + tl.erf(acc0 * 0.7071067811865476))  # exact GELU, as F.gelu
-        tl.store(dst, acc0.to(out_ptr.dtype.element_ty), mask=ok_x)
-        acc1 = 0.5 * acc1 * (1.0 + tl.erf(acc1 * 0.7071067811865476))
-        tl.store(dst + W * CH, acc1.to(out_ptr.dtype.element_ty), mask=ok_x & (y_out + 1 < H)[:, None])
+        tl.store(dst, _gelu(acc0).to(out_ptr.dtype.element_ty), mask=ok_x)
+        tl.store(dst + W * CH, _gelu(acc1).to(out_ptr.dtype.element_ty), mask=ok_x & (y_out + 1 < H)[:, None])
         if ROWS > 2:
-            acc2 = 0.5 * acc2 * (1.0 + tl.erf(acc2 * 0.7071067811865476))
-            tl.store(dst + 2 * W * CH, acc2.to(out_ptr.dtype.element_ty), mask=ok_x & (y_out + 2 < H)[:, None])
-            acc3 = 0.5 * acc3 * (1.0 + tl.erf(acc3 * 0.7071067811865476))
-            tl.store(dst + 3 * W * CH, acc3.to(out_ptr.dtype.element_ty), mask=ok_x & (y_out + 3 < H)[:, None])
+            tl.store(dst + 2 * W * CH, _gelu(acc2).to(out_ptr.dtype.element_ty), mask=ok_x & (y_out + 2 < H)[:, None])
+            tl.store(dst + 3 * W * CH, _gelu(acc3).to(out_ptr.dtype.element_ty), mask=ok_x & (y_out + 3 < H)[:, None])
 
     @triton.jit(do_not_specialize=["M"])
     def _linear_kernel(a_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, K: tl.constexpr, N: tl.constexpr, LDW: tl.constexpr,
@@ -304,7 +322,7 @@ if triton is not None:
                 acc = tl.dot(a, w, acc)
         acc += tl.load(b_ptr + rn, mask=ok_n, other=0.0)[None, :]
         if GELU:
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # exact GELU, as F.gelu
+            acc = _gelu(acc)
         ok = ok_m[:, None] & ok_n[None, :]
         if RESIDUAL:
             acc += tl.load(r_ptr + rm[:, None] * N + rn[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -322,16 +340,7 @@ if triton is not None:
         c = tl.arange(0, BLOCK_C)
         ok_r = r < M
         ok_c = c < C
-        ok = ok_r[:, None] & ok_c[None, :]
-        x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float32)
-        if HAS_Y:
-            x += tl.load(y_ptr + r[:, None] * YS + c[None, :], mask=ok, other=0.0).to(tl.float32)
-            tl.store(sum_ptr + r[:, None] * C + c[None, :], x.to(sum_ptr.dtype.element_ty), mask=ok)
-        mean = tl.sum(x, 1) / C
-        d = tl.where(ok, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
-        a = d * rstd[:, None] * tl.load(nw_ptr + c, mask=ok_c, other=0.0)[None, :] \
-            + tl.load(nb_ptr + c, mask=ok_c, other=0.0)[None, :]
+        a = _add_norm_rows(x_ptr, y_ptr, sum_ptr, nw_ptr, nb_ptr, r, c, M, eps, C, YS, HAS_Y)
         a = a.to(w_ptr.dtype.element_ty)  # the padded columns are zero: w's rows there are read as zeros too
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
@@ -343,7 +352,7 @@ if triton is not None:
                 acc = tl.dot(a, w)
             acc += tl.load(b_ptr + rn, mask=ok_n, other=0.0)[None, :]
             if GELU:
-                acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+                acc = _gelu(acc)
             tl.store(out_ptr + r[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=ok_r[:, None] & ok_n[None, :])
 
@@ -354,16 +363,7 @@ if triton is not None:
         # written CP wide, zeros beyond C
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.arange(0, BLOCK_C)
-        ok = (r < M)[:, None] & (c < C)[None, :]
-        x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=ok, other=0.0).to(tl.float32)
-        if HAS_Y:
-            x += tl.load(y_ptr + r[:, None] * YS + c[None, :], mask=ok, other=0.0).to(tl.float32)
-            tl.store(sum_ptr + r[:, None] * C + c[None, :], x.to(sum_ptr.dtype.element_ty), mask=ok)
-        mean = tl.sum(x, 1) / C
-        d = tl.where(ok, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
-        y = d * rstd[:, None] * tl.load(w_ptr + c, mask=c < C, other=0.0)[None, :] \
-            + tl.load(b_ptr + c, mask=c < C, other=0.0)[None, :]
+        y = _add_norm_rows(x_ptr, y_ptr, sum_ptr, w_ptr, b_ptr, r, c, M, eps, C, YS, HAS_Y)
         tl.store(out_ptr + r[:, None] * CP + c[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=(r < M)[:, None] & (c < CP)[None, :])
 
@@ -526,6 +526,17 @@ NORM_LINEAR_BLOCKS = _tiles("EDTIR_NORM_LINEAR_BLOCKS", (64, 64, 8))
 NORM_LINEAR_BLOCKS_FP32 = _tiles("EDTIR_NORM_LINEAR_BLOCKS_FP32", (16, 64, 8))
 
 
+def _add_operand(x: torch.Tensor, add: torch.Tensor | None):
+    """What the norm kernels read for ``x + add``: (add's rows, their stride, the sum's output), else x's own
+    (HAS_Y off). ``add`` may be a column slice of a wider tensor: its rows stay a view where they can."""
+    if add is None:
+        return x, x.shape[-1], x
+    y = add.flatten(0, -2)
+    if y.stride(-1) != 1:
+        y = y.contiguous()
+    return y, y.stride(0), torch.empty_like(x, dtype=torch.promote_types(x.dtype, add.dtype))
+
+
 def norm_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, wt: torch.Tensor, bias: torch.Tensor, n: int,
                 gelu: bool = False, add: torch.Tensor | None = None, blocks: tuple[int, ...] | None = None,
                 fp32_products: str | None = None):
@@ -539,13 +550,7 @@ def norm_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, wt: torch.Tensor, bia
     x = x.contiguous()
     M = x.numel() // C
     out = torch.empty(*x.shape[:-1], n, dtype=wt.dtype, device=x.device)
-    y, ys, total = x, C, x
-    if add is not None:
-        y = add.flatten(0, -2)
-        if y.stride(-1) != 1:
-            y = y.contiguous()
-        ys = y.stride(0)
-        total = torch.empty_like(x, dtype=torch.promote_types(x.dtype, add.dtype))
+    y, ys, total = _add_operand(x, add)
     bm, bn, warps = tuple(blocks or (NORM_LINEAR_BLOCKS_FP32 if wt.dtype == torch.float32 else NORM_LINEAR_BLOCKS))
     _norm_linear_kernel[(triton.cdiv(M, bm),)](
         x, y, total, norm.weight.float().contiguous(), norm.bias.float().contiguous(), wt, bias, out, M, norm.eps,
@@ -621,14 +626,9 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, dtype: torch.dtype | N
     out = torch.empty(*x.shape[:-1], CP, dtype=dtype or out_dtype(x), device=x.device)
     bc = triton.next_power_of_2(CP)
     br = max(1, 2048 // bc)
-    if add is not None:
-        add = add.flatten(0, -2)  # a view where it can be (rows of a column slice keep their stride)
-        if add.stride(-1) != 1:
-            add = add.contiguous()
-        total = torch.empty_like(x, dtype=torch.promote_types(x.dtype, add.dtype))
-    y, ys, total_arg = (add, add.stride(0), total) if add is not None else (x, C, x)
+    y, ys, total = _add_operand(x, add)
     _layer_norm_kernel[(triton.cdiv(M, br),)](
-        x, y, total_arg, norm.weight.float().contiguous(), norm.bias.float().contiguous(), out, M, norm.eps,
+        x, y, total, norm.weight.float().contiguous(), norm.bias.float().contiguous(), out, M, norm.eps,
         C=C, YS=ys, CP=CP, HAS_Y=add is not None, BLOCK_R=br, BLOCK_C=bc, num_warps=4)
     return (total, out) if add is not None else out
 
