@@ -263,9 +263,7 @@ def inference_rows(name, s, device, precisions, paths, args):
 def graphed(run, device):
     """``run`` replayed from a CUDA graph, captured at its first call (after two calls on a side stream: kernels
     compiled, weights laid out): no launch costs, the same input each time, as in a restore of same-sized tiles."""
-    if device.type != "cuda":
-        raise SystemExit("a +graph path needs --device cuda")
-    state = {}
+    state = {}  # main() accepts +graph paths on CUDA only
 
     def replay():
         if "graph" not in state:
@@ -306,10 +304,13 @@ def path_mode(path: str):
     from edtir.models import cpu_kernel, kernels
     from edtir.models.edt import attention_mode
 
-    base, *options = path.split("+")[0].split("-")
+    head, *suffixes = path.split("+")
+    base, *options = head.split("-")
     bad = [o for o in options if o not in PATH_OPTIONS]
     if bad:
         raise SystemExit(f"path {path!r}: unknown option {bad[0]!r} (options: {', '.join(PATH_OPTIONS)})")
+    if [x for x in suffixes if x not in ("compile", "graph")] or len(suffixes) > 1:
+        raise SystemExit(f"path {path!r}: expected at most one of the suffixes +compile, +graph")
     products = next(({"cublas": "none"}.get(o, o) for o in options if o in ("cublas", "ffn", "all", "norms")), None)
     fp32 = next((o for o in options if o in ("tf32x3", "ieee")), None)
     rows = next((int(o[4:]) for o in options if o.startswith("rows")), None)
@@ -426,6 +427,9 @@ def main() -> int:
     for p in paths:  # an unknown option fails here, before any work
         with path_mode(p):
             pass
+        if p.endswith("+graph") and not gpu:
+            print(f"path {p!r}: CUDA graph replay needs --device cuda", file=sys.stderr)
+            return 2
     precisions = args.precisions.split(",")
     where = torch.cuda.get_device_name(device) if gpu else \
         f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
