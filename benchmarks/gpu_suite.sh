@@ -9,6 +9,7 @@
 #                          # the product kernel's tiles; whole-model paths by where the products run (perf_suite.py)
 #   STEPS="multi" ITERS=6000 MULTI_SECONDS=300 bash benchmarks/gpu_suite.sh   # GPU stage of edt-t-multi-291
 #   STEPS="compile" bash benchmarks/gpu_suite.sh          # torch.compile (per block, CUDA graphs) of the fast path
+#   STEPS="train" bash benchmarks/gpu_suite.sh            # the training step profiled; eager vs blocks compiled
 #   STEPS="finetune" bash benchmarks/gpu_suite.sh         # configs/gpu-edt-t-*-ft.yaml side by side, time-boxed,
 #                          each from its task's current default model (FT_FROM=config: from the config's init.path)
 # A multi run cut short returns its checkpoint as $OUT/ckpt.tar.part*: put them in .carry/gpu-t-multi/ and carry
@@ -73,6 +74,14 @@ want compile && for mode in ${COMPILE_MODES:-default reduce-overhead}; do
   step "torch.compile of each block ($mode) against the eager fast path"
   timeout ${COMPILE_SECONDS:-100} $PY benchmarks/perf_suite.py --device cuda --workloads b-240x360 --paths fast \
     --compile "$mode" --repeats 5 --warmup 3 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/perf_compile.txt"; done
+
+want train && { step "training (#7): where the EDT-B step's time goes, then eager against each block compiled"
+timeout ${TRAIN_PROFILE_SECONDS:-60} $PY benchmarks/profile_model.py --train --device cuda --size B --batch 32 \
+  --input 48 --precision bf16 --repeats 3 --top 25 2>&1 | grep -v USDT | tee "$OUT/profile_train.txt"
+timeout ${TRAIN_SPEED_SECONDS:-60} $PY benchmarks/train_speed.py --device cuda --sizes B,T 2>&1 | tee "$OUT/train_speed.txt"
+for mode in ${TRAIN_COMPILE_MODES-default}; do
+  timeout ${TRAIN_COMPILE_SECONDS:-180} $PY benchmarks/train_speed.py --device cuda --sizes B --compile "$mode" \
+    --warmup 8 2>&1 | grep -v "^W[0-9]" | tee -a "$OUT/train_speed.txt"; done; }
 
 want finetune && {  # the GPU fine-tunes side by side on the one GPU, time-boxed; the CUDA tests run beside them
 FT_CONFIGS=${FT_CONFIGS:-"sr-x2 sr-x4 denoise-25 derain-light"}

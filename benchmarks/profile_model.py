@@ -12,6 +12,12 @@ after one warm-up (inputs are mirror-padded to the size multiple as in ``edtir.r
 operators and as a share per kind (matrix products, attention, softmax, copies, convolutions, ...).
 
     python benchmarks/profile_model.py --timers                     # wall clock per part, no profiler (CPU)
+    python benchmarks/profile_model.py --train --device cuda --batch 32 --input 48 --precision bf16
+                                                                    # one training step (forward, L1, backward, Adam)
+
+``--train`` profiles ``edtir.train.loop.train_step`` (the trainer's own step, drop path 0.1, random patches, so
+data loading is left out) instead of an inference pass; on a GPU the kernels are grouped by the same kinds, with
+the optimizer's and the gradients' own kinds added.
 
 The profiler adds a fixed cost to each of the thousands of operators of a pass, and it shows: for EDT-T at 264x264
 it put 751 ms on the window gathers that take 276 ms without it. ``--timers`` wraps the fast path's parts (each
@@ -35,10 +41,15 @@ from edtir.models import cpu_kernel, edt
 
 #: operator name fragment -> kind of work; first match wins (order matters: "addmm" before "mm")
 KINDS = [
+    ("adam", "optimizer (Adam)"),
+    ("foreach", "optimizer (Adam)"),
+    ("triton_", "Triton kernels (edtir)"),
     ("scaled_dot_product", "attention (fused SDPA)"),
+    ("fmha", "attention (fused SDPA)"),
     ("flash_attention", "attention (fused SDPA)"),
     ("efficient_attention", "attention (fused SDPA)"),
     ("softmax", "softmax"),
+    ("attention", "attention (edtir's own kernels)"),
     ("addmm", "matrix products"),
     ("bmm", "matrix products"),
     ("baddbmm", "matrix products"),
@@ -46,6 +57,9 @@ KINDS = [
     ("aten::mm", "matrix products"),
     ("linear", "matrix products"),
     ("gemm", "matrix products"),
+    ("xmma", "matrix products"),
+    ("cutlass", "matrix products"),
+    ("nvjet", "matrix products"),
     ("conv", "convolutions"),
     ("layer_norm", "layer norm"),
     ("gelu", "activations"),
@@ -65,6 +79,9 @@ KINDS = [
     ("where", "elementwise (add, mul, ...)"),
     ("masked_fill", "elementwise (add, mul, ...)"),
     ("upsample", "elementwise (add, mul, ...)"),
+    ("elementwise", "elementwise (add, mul, ...)"),
+    ("reduce", "reductions (loss, norms' grads)"),
+    ("sum", "reductions (loss, norms' grads)"),
 ]
 
 
@@ -134,6 +151,62 @@ def run_timers(model, x, task: str, repeats: int, header: str, amp) -> int:
     return 0
 
 
+def report(prof, cuda: bool, repeats: int, top: int, header: str, unit: str = "pass") -> None:
+    """The top operators (CUDA kernels on a GPU) by self time, then the share of each kind of work."""
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = [(e.key, getattr(e, attr) / 1e3 / repeats, e.count // repeats) for e in events]
+    rows = [r for r in rows if r[1] > 0]
+    total = sum(r[1] for r in rows)
+    print(f"{header}; self time per {unit} {total:.0f} ms (profiler on)")
+    print(f"{'operator':<48}{'ms/' + unit:>9}{'share':>8}{'calls':>7}")
+    for name, ms, n in sorted(rows, key=lambda r: -r[1])[:top]:
+        print(f"{name[:47]:<48}{ms:>9.1f}{ms / total:>8.1%}{n:>7}")
+    kinds: dict[str, float] = {}
+    for name, ms, _ in rows:
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+    print(f"\n{'kind of work':<48}{'ms/' + unit:>9}{'share':>8}")
+    for kind, ms in sorted(kinds.items(), key=lambda r: -r[1]):
+        print(f"{kind:<48}{ms:>9.1f}{ms / total:>8.1%}")
+
+
+def profile_training(args, device: torch.device, H: int, W: int) -> int:
+    """The trainer's step on random patches (input H x W, target scaled by the task), as train_speed.py times it."""
+    from edtir.train.loop import MultiTaskStep, train_step
+
+    cuda = device.type == "cuda"
+    model = edt.build_model(args.size, [args.task], drop_path=0.1).to(device).train()
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.99))
+    s = model.scale(args.task)
+    batch = {args.task: (torch.rand(args.batch, 3, H, W, device=device),
+                         torch.rand(args.batch, 3, H * s, W * s, device=device))}
+    step_module = MultiTaskStep(model)
+    bf16 = args.precision == "bf16"
+
+    def step():
+        train_step(step_module, batch, opt, {args.task: 1.0}, device, bf16, None, params)
+
+    for _ in range(2):  # warm-up: the allocator, cuDNN's choices, the kernels' first compilation
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.repeats):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / args.repeats
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    report(prof, cuda, args.repeats, args.top,
+           f"# training step, EDT-{args.size} {args.task}, batch {args.batch}, input {H}x{W}, {args.precision}; "
+           f"{where}; torch {torch.__version__}; wall clock per step {wall * 1e3:.0f} ms "
+           f"({args.batch / wall:.1f} patches/s with the profiler on)", unit="step")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="B", help="EDT size T, S, B or L (default B)")
@@ -147,7 +220,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--top", type=int, default=15, help="operators listed (default 15)")
     ap.add_argument("--timers", action="store_true", help="wall clock per part of the fast path instead (CPU)")
+    ap.add_argument("--train", action="store_true",
+                    help="profile the trainer's step (forward, L1, backward, Adam; drop path 0.1) instead")
     args = ap.parse_args()
+    if args.train and (args.timers or args.mode != "fast"):
+        print("--train profiles the fast path with the profiler (not with --timers or --mode reference)",
+              file=sys.stderr)
+        return 2
     if args.timers and (args.device != "cpu" or args.mode != "fast"):
         print("--timers times the fast path on the CPU (a GPU runs asynchronously: use the profiler there)",
               file=sys.stderr)
@@ -160,9 +239,11 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     H, W = parse_size(args.input)
     torch.manual_seed(0)
+    cuda = device.type == "cuda"
+    if args.train:
+        return profile_training(args, device, H, W)
     model = edt.build_model(args.size, [args.task]).to(device).eval()
     x = torch.rand(args.batch, 3, H, W, device=device)
-    cuda = device.type == "cuda"
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     if args.timers:
         return run_timers(model, x, args.task, args.repeats,
@@ -179,24 +260,11 @@ def main() -> int:
                 forward_padded(model, x, args.task)
             if cuda:
                 torch.cuda.synchronize()
-    events = prof.key_averages()
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = [(e.key, getattr(e, attr) / 1e3 / args.repeats, e.count // args.repeats) for e in events]
-    rows = [r for r in rows if r[1] > 0]
-    total = sum(r[1] for r in rows)
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# EDT-{args.size} {args.task} {H}x{W} batch {args.batch}, {args.precision}, "
-          f"{args.mode + ' path' if hasattr(edt, 'attention_mode') else 'code without attention paths'}; {where}; "
-          f"torch {torch.__version__}; self time per pass {total:.0f} ms (profiler on)")
-    print(f"{'operator':<48}{'ms/pass':>9}{'share':>8}{'calls':>7}")
-    for name, ms, n in sorted(rows, key=lambda r: -r[1])[: args.top]:
-        print(f"{name[:47]:<48}{ms:>9.1f}{ms / total:>8.1%}{n:>7}")
-    kinds: dict[str, float] = {}
-    for name, ms, _ in rows:
-        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
-    print(f"\n{'kind of work':<48}{'ms/pass':>9}{'share':>8}")
-    for kind, ms in sorted(kinds.items(), key=lambda r: -r[1]):
-        print(f"{kind:<48}{ms:>9.1f}{ms / total:>8.1%}")
+    report(prof, cuda, args.repeats, args.top,
+           f"# EDT-{args.size} {args.task} {H}x{W} batch {args.batch}, {args.precision}, "
+           f"{args.mode + ' path' if hasattr(edt, 'attention_mode') else 'code without attention paths'}; {where}; "
+           f"torch {torch.__version__}")
     return 0
 
 

@@ -5,6 +5,7 @@
     python benchmarks/train_speed.py --device cuda            # GPU, batch 32, bf16 autocast
     python benchmarks/train_speed.py --device cuda --batch 32 --patch 48 --sizes B --steps 20
     python benchmarks/train_speed.py --compare-attention --steps 4   # CPU: the C kernel, explicit, torch's kernel
+    python benchmarks/train_speed.py --device cuda --sizes B --compile default   # each block torch.compile'd
 
 For reference, the official code trains EDT-B x2 at batch 32, patch 48 at about 56 patches/s on an H200.
 """
@@ -23,17 +24,19 @@ MODES = {"C kernel": (True, True), "explicit": (False, True), "fused": (False, F
 
 
 def bench(size: str, task: str, batch: int, patch: int, device: torch.device, bf16: bool, warmup: int,
-          steps: int, drop_path: float, compare: bool = False) -> dict:
+          steps: int, drop_path: float, compare: bool = False, compile_mode: str | None = None) -> dict:
     """``compare``: alternate steps between the attentions of :data:`MODES` (same model, same batch) and report
     each one's median ``s_per_step``."""
     import statistics
 
     from edtir.models import cpu_kernel
-    from edtir.models.edt import build_model, explicit_attention
+    from edtir.models.edt import build_model, compile_blocks, explicit_attention
     from edtir.train.loop import MultiTaskStep, train_step
 
     torch.manual_seed(0)
     model = build_model(size, [task], drop_path=drop_path).to(device).train()
+    if compile_mode:
+        compile_blocks(model, None if compile_mode == "default" else compile_mode)
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.99))
     s = model.scale(task)
@@ -84,6 +87,8 @@ def main() -> int:
     ap.add_argument("--compare-attention", action="store_true",
                     help="CPU fp32: alternate steps between the C kernel's attention, the explicit one and "
                          "torch's fused kernel")
+    ap.add_argument("--compile", choices=("default", "max-autotune-no-cudagraphs"), default=None,
+                    help="torch.compile each transformer block (edt.compile_blocks); the warm-up steps compile")
     args = ap.parse_args()
 
     from edtir.models.edt import task_kind
@@ -97,6 +102,9 @@ def main() -> int:
         print("--compare-attention is for CPU fp32 training (the explicit attention serves nothing else)",
               file=sys.stderr)
         return 2
+    if args.compile and args.compare_attention:
+        print("--compile and --compare-attention do not go together", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if gpu:
@@ -109,7 +117,8 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, " \
                                                            f"{torch.get_num_threads()} threads"
     print(f"device: {device.type} ({name}); torch {torch.__version__}; task {args.task}, batch {batch}, "
-          f"patch {patch}, {precision}, {warmup} warm-up + {steps} timed steps")
+          f"patch {patch}, {precision}, {warmup} warm-up + {steps} timed steps"
+          + (f"; blocks compiled ({args.compile})" if args.compile else ""))
     if args.compare_attention:
         print(f"{'model':<7} {'params':>11} " + " ".join(f"{'s/step ' + m:>18}" for m in MODES)
               + "   (medians of alternating steps)")
@@ -118,7 +127,7 @@ def main() -> int:
     for size in [s.strip().upper() for s in args.sizes.split(",") if s.strip()]:
         try:
             r = bench(size, args.task, batch, patch, device, precision == "bf16", warmup, steps, args.drop_path,
-                      args.compare_attention)
+                      args.compare_attention, args.compile)
             if args.compare_attention:
                 print(f"EDT-{size:<3} {r['params']:>11,} "
                       + " ".join(f"{r['s_per_step'][m]:>18.3f}" for m in MODES), flush=True)

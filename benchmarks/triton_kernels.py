@@ -107,10 +107,11 @@ def sweep(prec, blk, x, layout) -> dict:
 
     h = edt.linear(blk.mlp.fc1, kernels.layer_norm(x, blk.norm2), gelu=True)  # the FFN's middle
     conv = blk.mlp.dwconv
+    laid = kernels.dwconv_weights(conv.weight, conv.bias)  # as the block keeps them: the kernel alone is timed
     win, fused = tile_table(f"{prec}: depthwise 5x5 conv + GELU (map {tuple(h.shape)} {h.dtype})",
                             "tiles (W, C, warps, rows)",
                             lambda t: kernels.dwconv_gelu(h, conv.weight, conv.bias, blocks=t[:3],
-                                                          rows=t[3] if len(t) > 3 else 1),
+                                                          rows=t[3] if len(t) > 3 else 1, laid=laid),
                             DWCONV_TILES + DWCONV_ROW_TILES, 2 * h.numel() * h.element_size())
     if win and prec == "bf16":
         best["EDTIR_DWCONV_BLOCKS"] = ",".join(map(str, win[:3]))
@@ -149,7 +150,7 @@ def norm_product_sweep(prec, blk, x):
     and residual add + norm2 + fc1 + GELU, for each tile. Returns the tile with the least time for both."""
     from edtir.models import kernels
 
-    wq, bq, _, _, w1, b1, _, _, _, _ = blk.fused_weights(kernels.out_dtype(x), x.device)
+    wq, bq, _, _, w1, b1, *_ = blk.fused_weights(kernels.out_dtype(x), x.device)
     wqt, bqf, w1t, b1f = kernels.product_weights((wq, bq), (w1, b1))
     width = wq.shape[1]
     y = torch.randn_like(x)
@@ -183,7 +184,7 @@ def product_sweep(prec, blk, x, h):
     fastest. Returns the tile with the least fc1 + fc2 time."""
     from edtir.models import kernels
 
-    wq, bq, wp, bp, w1, b1, w2, b2, _, _ = blk.fused_weights(kernels.out_dtype(x), x.device)
+    wq, bq, wp, bp, w1, b1, w2, b2, *_ = blk.fused_weights(kernels.out_dtype(x), x.device)
     wqt, bqf, wpt, bpf, w1t, b1f, w2t, b2f = kernels.product_weights((wq, bq), (wp, bp), (w1, b1), (w2, b2))
     C = x.shape[-1]
     xw = kernels.layer_norm(x, blk.norm2, width=wq.shape[1])  # fc1's input, 16-aligned wide

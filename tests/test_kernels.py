@@ -15,7 +15,7 @@ from test_fast_paths import sharpen
 import edtir
 from edtir.errors import UsageError
 from edtir.models import kernels
-from edtir.models.edt import reference_mode
+from edtir.models.edt import EDTBlock, reference_mode
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -69,6 +69,11 @@ def test_dwconv_gelu_and_layer_norm_equal_pytorch():
     for rows in (1, 2, 4):  # 7 rows: the last program of 2 or 4 rows has rows beyond the map
         out = kernels.dwconv_gelu(x, w, b, blocks=(16, 16), rows=rows)
         assert (out - ref).abs().max() <= 1e-4, rows
+    # weights laid out beforehand (as a block keeps them) are the ones used, not ``weight``/``bias`` again
+    ref2 = F.gelu(F.conv2d(x.permute(0, 3, 1, 2), 2 * w, b, padding=2, groups=20)).permute(0, 2, 3, 1)
+    for rows in (1, 2):
+        out = kernels.dwconv_gelu(x, w, b, blocks=(16, 16), rows=rows, laid=kernels.dwconv_weights(2 * w, b))
+        assert (out - ref2).abs().max() <= 1e-4, rows
     with pytest.raises(ValueError, match="rows"):
         kernels.dwconv_gelu(x, w, b, rows=3)
     norm = torch.nn.LayerNorm(20).to(DEVICE)
@@ -159,6 +164,17 @@ def test_fused_model_equals_reference(task, shape, products, monkeypatch):
             eager = model(x, task)
     assert (fused - ref).abs().max() <= 1e-4
     assert (fused - eager).abs().max() <= 1e-4
+    if products == "all":  # weights changed in place (a training step, a load): the kept layouts are made anew
+        with torch.no_grad():
+            for blk in model.modules():
+                if isinstance(blk, EDTBlock):
+                    blk.mlp.dwconv.weight.mul_(-4.0)
+                    blk.mlp.fc2.weight.mul_(3.0)
+            changed = model(x, task)
+            with reference_mode():
+                ref = model(x, task)
+        assert (changed - ref).abs().max() <= 1e-4
+        assert (changed - fused).abs().max() > 1e-3  # ten times the tolerance: stale layouts would fail above
 
 
 @pytest.mark.skipif(not (CUDA and kernels.available()), reason="needs a CUDA GPU with Triton (the interpreter "

@@ -877,7 +877,7 @@ class EDTBlock(nn.Module):
         B, H, W, C = x.shape
         a = self.attns[0]
         dtype = kernels.out_dtype(x)
-        wq, bq, wp, bp, w1, b1, w2, b2, lw, lb = self.fused_weights(dtype, x.device)
+        wq, bq, wp, bp, w1, b1, w2, b2, lw, lb, *dw = self.fused_weights(dtype, x.device)
         width = wq.shape[1]
         triton_products = kernels.products_in_triton(dtype)  # "", "ffn", "all" or "norms": kernels.PRODUCTS
         if triton_products:
@@ -889,7 +889,7 @@ class EDTBlock(nn.Module):
             y = kernels.window_attention(qkv, (B, H, W), a.window, self.shift_h, a.heads, a.head_dim, lw, lb)
             x, h = kernels.norm_linear(x, self.norm2, w1t, b1f, w1.shape[0], gelu=True,
                                        add=kernels.linear(y, wpt, bpf, C))
-            return kernels.linear(kernels.dwconv_gelu(h, conv.weight, conv.bias), w2t, b2f, C, residual=x)
+            return kernels.linear(kernels.dwconv_gelu(h, conv.weight, conv.bias, laid=dw), w2t, b2f, C, residual=x)
         h = kernels.layer_norm(x, self.norm1, width=width)
         if triton_products == "all":
             qkv = kernels.linear(h, wqt, bqf, wq.shape[0])  # (B, H, W, [branch, q/k/v, head, D])
@@ -899,16 +899,18 @@ class EDTBlock(nn.Module):
         y = kernels.linear(y, wpt, bpf, C) if triton_products == "all" else F.linear(y, wp, bp)[..., :C]
         x, h = kernels.layer_norm(x, self.norm2, add=y, width=width)  # the residual add and the norm in one pass
         if triton_products:  # GELU in fc1's kernel, fc2's bias and the residual add in fc2's
-            h = kernels.dwconv_gelu(kernels.linear(h, w1t, b1f, w1.shape[0], gelu=True), conv.weight, conv.bias)
+            h = kernels.dwconv_gelu(kernels.linear(h, w1t, b1f, w1.shape[0], gelu=True), conv.weight, conv.bias,
+                                    laid=dw)
             return kernels.linear(h, w2t, b2f, C, residual=x)
-        h = kernels.dwconv_gelu(F.gelu(F.linear(h, w1, b1)), conv.weight, conv.bias)
+        h = kernels.dwconv_gelu(F.gelu(F.linear(h, w1, b1)), conv.weight, conv.bias, laid=dw)
         return x + F.linear(h, w2, b2)[..., :C]
 
     def fused_weights(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
         """The weights :meth:`forward_fused` reads, in ``dtype``: qkv's rows in the attention kernel's order, q
         scaled, head dims padded (:meth:`qkv_weight`); zero columns where the norms' and the attention's outputs
         are padded; output rows padded to a multiple of 8 (``proj``, ``fc2``: 180 -> 184); LePE's kernels padded
-        like v. Built once and kept while no parameter changes (each parameter's data pointer and version)."""
+        like v; the FFN's depthwise conv laid out for its kernel (:func:`kernels.dwconv_weights`). Built once and
+        kept while no parameter changes (each parameter's data pointer and version)."""
         return self.cached_weights(f"fused {dtype} {device}", lambda: self._fused_weights(dtype))
 
     def _fused_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -921,7 +923,7 @@ class EDTBlock(nn.Module):
         lw, lb = kernels.pad_lepe(*kernels.lepe_weights(self), a.heads, a.head_dim)
         return tuple(t.to(dtype).contiguous() for t in (
             F.pad(wq, (0, width - C)), bq, wp, bp, F.pad(self.mlp.fc1.weight, (0, width - C)), self.mlp.fc1.bias,
-            w2, b2)) + (lw, lb)
+            w2, b2)) + (lw, lb) + kernels.dwconv_weights(self.mlp.dwconv.weight, self.mlp.dwconv.bias)
 
 
 class ResidualGroup(nn.Module):
@@ -1253,7 +1255,13 @@ def compile_blocks(model: nn.Module, mode: str | None = None) -> nn.Module:
     (shifted or not), where compiling the whole model unrolls every block into one graph (minutes to build). For
     experiments and ``benchmarks/perf_suite.py --compile``: measured slower than the eager fast path on an H200 and on
     the CPU (docs/performance.md), so nothing in edtir calls it."""
-    for m in model.modules():
-        if isinstance(m, EDTBlock):
-            m.compile(dynamic=False, mode=mode)
+    blocks = [m for m in model.modules() if isinstance(m, EDTBlock)]
+    # In training each block has its own drop-path rate, a constant to the compiler: one graph per block, more
+    # than dynamo's default limit of 8 recompilations of one code object (past it, the rest would run eager).
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * len(blocks) + 8))
+    for m in blocks:
+        m.compile(dynamic=False, mode=mode)
     return model

@@ -584,24 +584,33 @@ def pad_columns(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor
     return F.pad(weight.unflatten(1, (2 * heads, head_dim)), (0, D - head_dim)).flatten(1)
 
 
+def dwconv_weights(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A depthwise conv's (C, 1, k, k) weights and its bias as :func:`dwconv_gelu`'s kernels read them, fp32: taps
+    per channel (C, k * k) for the one-row kernel, channels per tap (k * k, C) for the multi-row one, the bias. Kept
+    with the block's other fused weights, so that a pass lays nothing out anew."""
+    taps = weight.float().reshape(weight.shape[0], -1).contiguous()
+    return taps, taps.t().contiguous(), bias.float().contiguous()
+
+
 def dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                blocks: tuple[int, ...] | None = None, rows: int | None = None) -> torch.Tensor:
+                blocks: tuple[int, ...] | None = None, rows: int | None = None,
+                laid: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """GELU(depthwise conv(x) + bias), 'same' zero padding, on a channel-last (B, H, W, C) map; ``weight`` is the
     conv's (C, 1, k, k). The accumulation is fp32 whatever x's dtype. ``rows``: output rows per program (1, 2
-    or 4; default :data:`DWCONV_ROWS`)."""
+    or 4; default :data:`DWCONV_ROWS`). ``laid``: :func:`dwconv_weights` of the same weight and bias, made once."""
     B, H, W, C = x.shape
     k = weight.shape[-1]
     x = x.contiguous()
     out = torch.empty_like(x)
     bw, bc, warps = (tuple(blocks or DWCONV_BLOCKS) + (4,))[:3]
     rows = rows or DWCONV_ROWS
-    w, b = weight.float().reshape(C, k * k).contiguous(), bias.float().contiguous()
+    taps, per_tap, b = laid or dwconv_weights(weight, bias)
     if rows == 1:
         grid = (B * H, triton.cdiv(W, bw), triton.cdiv(C, bc))
-        _dwconv_gelu_kernel[grid](x, w, b, out, H, W, C, K=k, BLOCK_W=bw, BLOCK_C=bc, num_warps=warps)
+        _dwconv_gelu_kernel[grid](x, taps, b, out, H, W, C, K=k, BLOCK_W=bw, BLOCK_C=bc, num_warps=warps)
     elif rows in (2, 4):
         grid = (B * triton.cdiv(H, rows), triton.cdiv(W, bw), triton.cdiv(C, bc))
-        _dwconv_gelu_rows_kernel[grid](x, w.t().contiguous(), b, out, H, W, C, K=k, ROWS=rows, BLOCK_W=bw,
+        _dwconv_gelu_rows_kernel[grid](x, per_tap, b, out, H, W, C, K=k, ROWS=rows, BLOCK_W=bw,
                                        BLOCK_C=bc, num_warps=warps)
     else:
         raise ValueError(f"dwconv_gelu: rows={rows}; expected 1, 2 or 4")
