@@ -190,6 +190,19 @@ def png_with_size(w, h):
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
+def test_no_progress_leaves_only_the_lines_per_image(zoo, crop, tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(crop[:24, :32]).save(d / name)
+    assert main(["restore", str(d), "--task", "sr-x2", "-o", str(tmp_path / "bar")]) == 0
+    assert "2/2" in capsys.readouterr().err  # two images: a bar by default
+    assert main(["restore", str(d), "--task", "sr-x2", "-o", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "2/2" not in cap.err and cap.err.strip() == ""
+    assert cap.out.count("_sr-x2.png (") == 2  # one line per image
+
+
 def test_a_batch_with_bad_files(zoo, crop, tmp_path, capsys):
     d = tmp_path / "in"
     d.mkdir()

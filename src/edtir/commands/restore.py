@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--max-pixels", type=int, metavar="N",
                    help="refuse inputs over N pixels before decoding them (default: $EDTIR_MAX_PIXELS or "
                         "400,000,000)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (for logs and scripts; the per-image lines stay)")
     add_inference_args(p)
     add_device_args(p)
     p.set_defaults(func=run)
@@ -128,7 +130,8 @@ def run(args) -> int:
     failed = len(errors)
     print(f"edtir restore: {len(files)} image(s), task {task}, model {args.model or args.weights}, "
           f"device {device}", flush=True)
-    bar = tqdm(list(zip(files, outs, strict=True)), unit="image", disable=len(files) < 2, dynamic_ncols=True)
+    bar = tqdm(list(zip(files, outs, strict=True)), unit="image", disable=len(files) < 2 or args.no_progress,
+                dynamic_ncols=True)
     for src, dst in bar:
         try:
             if dst.resolve() in inputs:
@@ -138,7 +141,7 @@ def run(args) -> int:
             pic = read_picture(src, limit=limit)
             out = restore_picture(model, pic, task=task, tile=args.tile, tile_overlap=args.tile_overlap,
                                   tile_batch=args.tile_batch, self_ensemble=args.self_ensemble, device=device,
-                                  precision=args.precision, progress=args.tile is not None and len(files) == 1)
+                                  precision=args.precision, progress=args.tile is not None and len(files) == 1 and not args.no_progress)
             write_picture(dst, out, overwrite=args.overwrite)
             h, w = pic.rgb.shape[:2]
             H, W = out.rgb.shape[:2]
