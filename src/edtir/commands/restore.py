@@ -130,6 +130,7 @@ def run(args) -> int:
     failed = len(errors)
     print(f"edtir restore: {len(files)} image(s), task {task}, model {args.model or args.weights}, "
           f"device {device}", flush=True)
+    tile_bar = args.tile is not None and len(files) == 1 and not args.no_progress  # a bar over one image's tiles
     bar = tqdm(list(zip(files, outs, strict=True)), unit="image", disable=len(files) < 2 or args.no_progress,
                 dynamic_ncols=True)
     for src, dst in bar:
@@ -141,7 +142,7 @@ def run(args) -> int:
             pic = read_picture(src, limit=limit)
             out = restore_picture(model, pic, task=task, tile=args.tile, tile_overlap=args.tile_overlap,
                                   tile_batch=args.tile_batch, self_ensemble=args.self_ensemble, device=device,
-                                  precision=args.precision, progress=args.tile is not None and len(files) == 1 and not args.no_progress)
+                                  precision=args.precision, progress=tile_bar)
             write_picture(dst, out, overwrite=args.overwrite)
             h, w = pic.rgb.shape[:2]
             H, W = out.rgb.shape[:2]
