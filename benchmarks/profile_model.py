@@ -43,7 +43,7 @@ from edtir.models import cpu_kernel, edt
 KINDS = [
     ("adam", "optimizer (Adam)"),
     ("foreach", "optimizer (Adam)"),
-    ("triton_", "Triton kernels (edtir)"),
+    ("triton_", "Triton kernels of torch.compile"),  # inductor's names; edtir's own fall in the kinds below
     ("scaled_dot_product", "attention (fused SDPA)"),
     ("fmha", "attention (fused SDPA)"),
     ("flash_attention", "attention (fused SDPA)"),
@@ -170,23 +170,12 @@ def report(prof, cuda: bool, repeats: int, top: int, header: str, unit: str = "p
         print(f"{kind:<48}{ms:>9.1f}{ms / total:>8.1%}")
 
 
-def profile_training(args, device: torch.device, H: int, W: int) -> int:
+def profile_training(args, device: torch.device, H: int, W: int, where: str) -> int:
     """The trainer's step on random patches (input H x W, target scaled by the task), as train_speed.py times it."""
-    from edtir.train.loop import MultiTaskStep, train_step
+    from train_speed import training_step  # this folder's script: the same step, built the same way
 
     cuda = device.type == "cuda"
-    model = edt.build_model(args.size, [args.task], drop_path=0.1).to(device).train()
-    params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.99))
-    s = model.scale(args.task)
-    batch = {args.task: (torch.rand(args.batch, 3, H, W, device=device),
-                         torch.rand(args.batch, 3, H * s, W * s, device=device))}
-    step_module = MultiTaskStep(model)
-    bf16 = args.precision == "bf16"
-
-    def step():
-        train_step(step_module, batch, opt, {args.task: 1.0}, device, bf16, None, params)
-
+    step, _ = training_step(args.size, args.task, args.batch, (H, W), device, args.precision == "bf16", 0.1)
     for _ in range(2):  # warm-up: the allocator, cuDNN's choices, the kernels' first compilation
         step()
     if cuda:
@@ -199,7 +188,6 @@ def profile_training(args, device: torch.device, H: int, W: int) -> int:
         if cuda:
             torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / args.repeats
-    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     report(prof, cuda, args.repeats, args.top,
            f"# training step, EDT-{args.size} {args.task}, batch {args.batch}, input {H}x{W}, {args.precision}; "
            f"{where}; torch {torch.__version__}; wall clock per step {wall * 1e3:.0f} ms "
@@ -240,8 +228,9 @@ def main() -> int:
     H, W = parse_size(args.input)
     torch.manual_seed(0)
     cuda = device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     if args.train:
-        return profile_training(args, device, H, W)
+        return profile_training(args, device, H, W, where)
     model = edt.build_model(args.size, [args.task]).to(device).eval()
     x = torch.rand(args.batch, 3, H, W, device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -260,7 +249,6 @@ def main() -> int:
                 forward_padded(model, x, args.task)
             if cuda:
                 torch.cuda.synchronize()
-    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     report(prof, cuda, args.repeats, args.top,
            f"# EDT-{args.size} {args.task} {H}x{W} batch {args.batch}, {args.precision}, "
            f"{args.mode + ' path' if hasattr(edt, 'attention_mode') else 'code without attention paths'}; {where}; "

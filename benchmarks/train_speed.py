@@ -23,14 +23,11 @@ import torch
 MODES = {"C kernel": (True, True), "explicit": (False, True), "fused": (False, False)}
 
 
-def bench(size: str, task: str, batch: int, patch: int, device: torch.device, bf16: bool, warmup: int,
-          steps: int, drop_path: float, compare: bool = False, compile_mode: str | None = None) -> dict:
-    """``compare``: alternate steps between the attentions of :data:`MODES` (same model, same batch) and report
-    each one's median ``s_per_step``."""
-    import statistics
-
-    from edtir.models import cpu_kernel
-    from edtir.models.edt import build_model, compile_blocks, explicit_attention
+def training_step(size: str, task: str, batch: int, hw: tuple[int, int], device: torch.device, bf16: bool,
+                  drop_path: float, compile_mode: str | None = None):
+    """(the trainer's own step on one random batch, as a call; the parameter count): ``hw`` is the input's size
+    (LR for SR, the noisy/rainy image for denoise/derain). Also what ``profile_model.py --train`` profiles."""
+    from edtir.models.edt import build_model, compile_blocks
     from edtir.train.loop import MultiTaskStep, train_step
 
     torch.manual_seed(0)
@@ -40,15 +37,31 @@ def bench(size: str, task: str, batch: int, patch: int, device: torch.device, bf
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.99))
     s = model.scale(task)
-    side = patch  # input side: LR for SR, the noisy/rainy image for denoise/derain
-    x = torch.rand(batch, 3, side, side, device=device)
-    y = torch.rand(batch, 3, side * s, side * s, device=device)
+    h, w = hw
+    data = {task: (torch.rand(batch, 3, h, w, device=device), torch.rand(batch, 3, h * s, w * s, device=device))}
     step_module = MultiTaskStep(model)
+
+    def step():
+        train_step(step_module, data, opt, {task: 1.0}, device, bf16, None, params)
+
+    return step, sum(p.numel() for p in params)
+
+
+def bench(size: str, task: str, batch: int, patch: int, device: torch.device, bf16: bool, warmup: int,
+          steps: int, drop_path: float, compare: bool = False, compile_mode: str | None = None) -> dict:
+    """``compare``: alternate steps between the attentions of :data:`MODES` (same model, same batch) and report
+    each one's median ``s_per_step``."""
+    import statistics
+
+    from edtir.models import cpu_kernel
+    from edtir.models.edt import explicit_attention
+
+    step, n_params = training_step(size, task, batch, (patch, patch), device, bf16, drop_path, compile_mode)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
-        train_step(step_module, {task: (x, y)}, opt, {task: 1.0}, device, bf16, None, params)
+        step()
     sync()
     if compare:
         times = {mode: [] for mode in MODES}
@@ -56,18 +69,16 @@ def bench(size: str, task: str, batch: int, patch: int, device: torch.device, bf
             for mode, (kernel, explicit) in MODES.items():
                 with cpu_kernel.enabled(kernel), explicit_attention(explicit):
                     t0 = time.perf_counter()
-                    train_step(step_module, {task: (x, y)}, opt, {task: 1.0}, device, bf16, None, params)
+                    step()
                     times[mode].append(time.perf_counter() - t0)
-        return {"s_per_step": {m: statistics.median(t) for m, t in times.items()},
-                "params": sum(p.numel() for p in params)}
+        return {"s_per_step": {m: statistics.median(t) for m, t in times.items()}, "params": n_params}
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(step_module, {task: (x, y)}, opt, {task: 1.0}, device, bf16, None, params)
+        step()
     sync()
     dt = (time.perf_counter() - t0) / steps
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"s_per_step": dt, "patches_per_s": batch / dt, "mem_gib": mem,
-            "params": sum(p.numel() for p in params)}
+    return {"s_per_step": dt, "patches_per_s": batch / dt, "mem_gib": mem, "params": n_params}
 
 
 def main() -> int:
