@@ -159,6 +159,17 @@ def test_eval_scores_the_good_files_and_reports_each_bad_one(corpus, tmp_path, c
     assert written == sorted(Path(n).stem + ".png" for n in GOOD)  # nothing for a failed file, no temporaries
 
 
+def test_restore_says_nothing_was_written_when_every_input_fails(corpus, tmp_path, capsys):
+    dest = tmp_path / "out"
+    rc = main(["restore", str(corpus / "trunc.png"), str(corpus / "text.png"), "--model", "bicubic", "--task",
+               "sr-x2", "-o", str(dest), "--no-progress"])
+    out, err = capsys.readouterr()
+    no_traceback(out, err)
+    assert rc == 1 and len(error_lines(err, "restore")) == 2, err
+    assert err.splitlines()[-1] == "edtir restore: 2 of 2 input(s) failed (reported above); nothing written", err
+    assert not dest.exists() or not any(dest.iterdir())
+
+
 def test_restore_processes_every_readable_file_and_nothing_else(corpus, tmp_path, capsys):
     dest = tmp_path / "out"
     rc = main(["restore", str(corpus), "--model", "bicubic", "--task", "sr-x2", "-o", str(dest)])
@@ -170,6 +181,8 @@ def test_restore_processes_every_readable_file_and_nothing_else(corpus, tmp_path
         assert sum(name in ln for ln in errors) == 1, (name, errors)
     done = {p.name: Image.open(p).size for p in dest.iterdir()}
     expected = {**GOOD, **TOO_SMALL}
+    total = len(BAD) + len(expected)
+    assert f"{len(BAD)} of {total} input(s) failed (reported above); the other {len(expected)} written" in err, err
     assert sorted(done) == sorted(f"{Path(n).stem}_sr-x2.png" for n in expected), done
     for name, (h, w) in expected.items():
         assert done[f"{Path(name).stem}_sr-x2.png"] == (2 * w, 2 * h), name  # upright (EXIF), scaled x2

@@ -157,5 +157,7 @@ def run(args) -> int:
             tqdm.write(f"edtir restore: error: {src}: out of memory (try --tile 256, or a smaller --tile)",
                        file=sys.stderr)
     if failed:
-        print(f"edtir restore: {failed} input(s) failed (reported above); the others were written", file=sys.stderr)
+        total = len(files) + len(errors)
+        written = f"the other {total - failed} written" if failed < total else "nothing written"
+        print(f"edtir restore: {failed} of {total} input(s) failed (reported above); {written}", file=sys.stderr)
     return 1 if failed else 0
