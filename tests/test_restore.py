@@ -391,6 +391,13 @@ def test_python_api_in_two_lines(zoo, crop, tmp_path):
         edtir.restore(crop)
     with pytest.raises(ImageError, match="expected a file path"):
         edtir.restore([1, 2, 3], task="sr-x2")
+    span = r"array: float pixels must lie in \[0, 1\]; these span \[44, 168\] \(0-255 data: divide"
+    with pytest.raises(ImageError, match=span):
+        edtir.restore(crop.astype(np.float32), task="sr-x2")  # 0-255 floats: refused, not a white picture
+    with pytest.raises(ImageError, match="array: has NaN"):
+        edtir.restore(np.where(crop > 128, np.nan, crop / 255), task="sr-x2")
+    nudged = crop.astype(np.float32) / 255 + np.float32(0.005)  # an overshoot of a rounding is clipped, not refused
+    assert edtir.restore(nudged, task="sr-x2").max() <= 1
 
 
 # ------------------------------------------------------------------------------------------------------------

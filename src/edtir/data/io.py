@@ -107,7 +107,7 @@ class Picture:
         if arr.dtype == np.bool_:
             arr = arr.astype(np.uint8) * 255
         elif np.issubdtype(arr.dtype, np.floating):
-            arr = arr.astype(np.float32)
+            arr = _unit_range(arr.astype(np.float32), name)
         elif arr.dtype not in (np.uint8, np.uint16):
             raise ImageError(f"{name}: unsupported pixel type {arr.dtype} (use uint8, uint16 or float in [0, 1])")
         if arr.ndim == 2:
@@ -118,6 +118,18 @@ class Picture:
         alpha = np.ascontiguousarray(arr[..., -1]) if c in (2, 4) else None
         colour = arr[..., :1] if c <= 2 else arr[..., :3]
         return cls(np.ascontiguousarray(np.repeat(colour, 3, axis=2) if c <= 2 else colour), alpha, c <= 2, name)
+
+
+def _unit_range(arr: np.ndarray, name: str) -> np.ndarray:
+    """Float pixels in [0, 1], refused otherwise: 0-255 floats would come back as a white image, without a word.
+    A rounding's overshoot (up to 0.01 past either end) is clipped."""
+    if arr.size and not np.isfinite(arr).all():
+        raise ImageError(f"{name}: has NaN or infinite pixels")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo < -0.01 or hi > 1.01:
+        hint = " (0-255 data: divide by 255, or pass uint8)" if hi > 1.5 else ""
+        raise ImageError(f"{name}: float pixels must lie in [0, 1]; these span [{lo:.4g}, {hi:.4g}]{hint}")
+    return np.clip(arr, 0.0, 1.0)
 
 
 def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
