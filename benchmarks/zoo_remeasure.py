@@ -3,7 +3,7 @@ are written from it): the acceptance check of the model zoo. Same code as ``edti
 
     python benchmarks/zoo_remeasure.py                         # every model, every task, every test set
     python benchmarks/zoo_remeasure.py --defaults              # only each task's default model
-    python benchmarks/zoo_remeasure.py --models edt-t-sr-x2-v3-291 --sets Set5 [--tolerance 0.01]
+    python benchmarks/zoo_remeasure.py --models edt-t-sr-x2-v4-291 --sets Set5 [--tolerance 0.01]
 
 Prints one row per (model, task, test set): registry PSNR / SSIM, re-measured, difference. Exits 1 when a PSNR
 differs by more than ``--tolerance`` dB (default 0.01) or an SSIM by more than 0.001, or when nothing was
