@@ -107,13 +107,15 @@ class Picture:
         if arr.dtype == np.bool_:
             arr = arr.astype(np.uint8) * 255
         elif np.issubdtype(arr.dtype, np.floating):
-            arr = _unit_range(arr.astype(np.float32), name)
+            arr = arr.astype(np.float32)
         elif arr.dtype not in (np.uint8, np.uint16):
             raise ImageError(f"{name}: unsupported pixel type {arr.dtype} (use uint8, uint16 or float in [0, 1])")
         if arr.ndim == 2:
             arr = arr[..., None]
         if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or min(arr.shape[:2]) == 0:
             raise ImageError(f"{name}: unsupported image shape {arr.shape} (expected HxW or HxWxC, C = 1 to 4)")
+        if arr.dtype == np.float32:
+            arr = _unit_range(arr, name)
         c = arr.shape[2]
         alpha = np.ascontiguousarray(arr[..., -1]) if c in (2, 4) else None
         colour = arr[..., :1] if c <= 2 else arr[..., :3]
@@ -121,11 +123,11 @@ class Picture:
 
 
 def _unit_range(arr: np.ndarray, name: str) -> np.ndarray:
-    """Float pixels in [0, 1], refused otherwise: 0-255 floats would come back as a white image, without a word.
-    A rounding's overshoot (up to 0.01 past either end) is clipped."""
-    if arr.size and not np.isfinite(arr).all():
+    """Float pixels (a non-empty image) in [0, 1], refused otherwise: 0-255 floats would come back as a white image,
+    without a word. A rounding's overshoot (up to 0.01 past either end) is clipped."""
+    if not np.isfinite(arr).all():
         raise ImageError(f"{name}: has NaN or infinite pixels")
-    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    lo, hi = float(arr.min()), float(arr.max())
     if lo < -0.01 or hi > 1.01:
         hint = " (0-255 data: divide by 255, or pass uint8)" if hi > 1.5 else ""
         raise ImageError(f"{name}: float pixels must lie in [0, 1]; these span [{lo:.4g}, {hi:.4g}]{hint}")
