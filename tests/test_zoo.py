@@ -3,6 +3,7 @@ model's Set5 score re-measured against the registry, `edtir models`, and the too
 
 import hashlib
 import json
+import re
 import struct
 import subprocess
 
@@ -152,6 +153,22 @@ def test_retired_models_stay_on_record_and_restorable(capsys):
     assert name in capsys.readouterr().out.split("retired (no longer shipped")[1]
     assert main(["models", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["retired"][name] == gone[name]
+
+
+def test_readme_zoo_sizes_are_what_the_retire_tool_prints(capsys):
+    """The README's "N MB of weights, against about M with them all" is `python -m edtir.zoo.retire`'s line."""
+    from edtir.zoo.retire import main as retire
+
+    assert retire([]) == 0
+    out = capsys.readouterr().out
+    m = re.match(r"(\d+) bundled files, ([\d.]+) MB"
+                 r"(; with the (\d+) retired ones \(in git history\) ([\d.]+) MB)?", out)
+    assert m and int(m[1]) == len(zoo.registry()), out
+    readme = (REPO / "README.md").read_text()
+    assert f"({float(m[2]):.0f} MB of weights, against" in readme
+    if m[3]:  # a checkout with its history
+        assert int(m[4]) == len(zoo.retired()), out
+        assert f"against about {float(m[5]):.0f} with them all" in readme
 
 
 def test_a_config_starting_from_a_retired_file_says_how_to_restore_it(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
     python -m edtir.zoo.retire edt-t-sr-x4-291 edt-t-sr-x4-gpu-291      # files must be committed at HEAD
     python -m edtir.zoo.retire NAME --commit 134b166                     # or at another commit
+    python -m edtir.zoo.retire                                           # only print the zoo's sizes
 
 Every bundled file travels with the repository, to users and to a GPU lease that carries 64 MiB in all, so the
 zoo keeps the defaults and the models other work names, and a superseded model leaves. Nothing is lost: the
@@ -38,9 +39,20 @@ def committed_sha256(folder: Path, commit: str, file: str) -> str | None:
     return None if blob is None else hashlib.sha256(blob).hexdigest()
 
 
+def sizes(folder: Path, reg: dict, old: dict) -> str:
+    """What the package ships against what it would with every retired file, the README's figures."""
+    shipped = sum((folder / e["file"]).stat().st_size for e in reg.values())
+    sizes = [git(folder, "cat-file", "-s", f"{e['retired']['commit']}:{e['retired']['path']}") for e in old.values()]
+    if None in sizes:
+        return f"{len(reg)} bundled files, {shipped / 1e6:.1f} MB (no git history here to size the retired ones)"
+    gone = sum(int(s) for s in sizes)
+    return (f"{len(reg)} bundled files, {shipped / 1e6:.1f} MB; with the {len(old)} retired ones (in git history) "
+            f"{(shipped + gone) / 1e6:.1f} MB")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("names", nargs="+", help="bundled models to retire")
+    ap.add_argument("names", nargs="*", help="bundled models to retire (none: only print the zoo's sizes)")
     ap.add_argument("--commit", default="HEAD", help="a commit that holds their files (default: HEAD)")
     ap.add_argument("--zoo", type=Path, default=HERE, help="the zoo folder (default: the bundled one)")
     args = ap.parse_args(argv)
@@ -50,7 +62,12 @@ def main(argv=None) -> int:
         return 2
 
     names = list(dict.fromkeys(args.names))  # a name given twice is retired once
+    if not (args.zoo / "registry.json").is_file():
+        return fail(f"{args.zoo} holds no registry.json (not a zoo folder)")
     reg, old = registry(args.zoo), retired(args.zoo)
+    if not names:
+        print(sizes(args.zoo, reg, old))
+        return 0
     owners = {t: n for n, e in reg.items() for t in e["default_for"]}
     commit = git(args.zoo, "rev-parse", "--verify", f"{args.commit}^{{commit}}")
     prefix = git(args.zoo, "rev-parse", "--show-prefix")
@@ -80,6 +97,7 @@ def main(argv=None) -> int:
     for name in names:
         (args.zoo / old[name]["file"]).unlink(missing_ok=True)
         print(f"retired {name}; back with: {restore_command(old[name])}")
+    print(sizes(args.zoo, reg, old))
     return 0
 
 
