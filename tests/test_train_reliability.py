@@ -191,6 +191,25 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(t
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial write was swept away
 
 
+def test_resume_follows_the_configs_schedule_not_the_checkpoints(reference, tmp_path, capsys):
+    """A run shortened or re-planned between sittings gets the new milestones (the checkpoint saves the old ones):
+    resumed at step 2 with the LR now halved at 2, it ends as a fresh run of that config does, not as the
+    reference (halved at 3)."""
+    changed = {"train": {"milestones": [2]}}
+    fresh = tmp_path / "fresh"
+    train(config_from_dict(raw_config(**changed)), fresh, progress=False)
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    cfg = write_config(tmp_path / "c.yaml", **changed)
+    assert main(["train", str(cfg), "--output-dir", str(out), "--no-progress", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "step_00000002" in err
+    assert "schedule changed since the checkpoint (milestones [3] -> [2])" in err and "LR now 0.0005" in err, err
+    assert (out / "model.safetensors").read_bytes() == (fresh / "model.safetensors").read_bytes()
+    assert not same_final(out, reference)
+
+
 def without_manifest(damage):
     def go(path: Path) -> None:
         (path.parent / state.MANIFEST_FILE).unlink()  # a checkpoint written before manifests: still checked

@@ -241,12 +241,13 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
     optimizer = torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=t.milestones, gamma=t.gamma)
     ema = state.EMA(model, t.ema) if t.ema else None
-    start, best = 0, None
+    start, best, schedule_note = 0, None, None
     if found is not None:
         folder, saved = found
         state.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, rank=info.rank,
                       world=info.world_size)
         start, best = saved["step"], saved.get("best")
+        schedule_note = state.apply_schedule(scheduler, lr=t.lr, milestones=t.milestones, gamma=t.gamma)
     step_module = distributed.wrap(MultiTaskStep(model), info)
 
     # Data: step s on rank r reads global samples (s * world + r) * batch + i, i < batch.
@@ -272,6 +273,8 @@ def _train(cfg: Config, out: Path, info: distributed.DistInfo, resume: bool, pro
                         f"patch {src.patch}")
             if found is not None:
                 mon.say(f"resumed from {found[0]} (step {start})")
+                if schedule_note:
+                    mon.say(schedule_note)
             elif resume:
                 mon.say(f"--resume: no complete checkpoint in {out}; starting from step 0")
             if init_report is not None:

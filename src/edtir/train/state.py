@@ -17,6 +17,7 @@ skips; leftovers of a killed write are swept away on start."""
 
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import json
@@ -27,6 +28,7 @@ import re
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +268,27 @@ def load_latest(output: Path) -> tuple[Path, dict] | None:
             return folder, state
         log.warning("%s: damaged checkpoint (%s); skipped, trying an older one", folder, problem)
     return None
+
+
+def apply_schedule(scheduler, *, lr: float, milestones: list[int], gamma: float) -> str | None:
+    """Make a resumed MultiStepLR follow the config's schedule, not the one saved in the checkpoint.
+
+    ``load_state_dict`` brings back the saved milestones, gamma and base LR, so a run resumed with a changed
+    schedule (shortened, say) would silently keep the old one. The config wins, as everywhere else; the LR of the
+    current step is recomputed from it. Returns a line saying what changed, or None when nothing did."""
+    old = (list(scheduler.base_lrs), sorted(scheduler.milestones.elements()), scheduler.gamma)
+    new = ([lr] * len(scheduler.base_lrs), sorted(milestones), gamma)
+    if old == new:
+        return None
+    scheduler.base_lrs, scheduler.milestones, scheduler.gamma = list(new[0]), Counter(milestones), gamma
+    now = lr * gamma ** bisect.bisect_right(new[1], scheduler.last_epoch)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"], group["lr"] = lr, now
+    scheduler._last_lr = [now] * len(scheduler.optimizer.param_groups)
+    changed = [f"{name} {a} -> {b}" for name, a, b in (("lr", f"{old[0][0]:g}", f"{lr:g}"),
+                                                       ("milestones", old[1], new[1]),
+                                                       ("gamma", f"{old[2]:g}", f"{gamma:g}")) if a != b]
+    return f"schedule changed since the checkpoint ({', '.join(changed)}): the config's applies, LR now {now:g}"
 
 
 def restore(state: dict, *, model, optimizer, scheduler, ema, rank: int, world: int) -> None:
