@@ -276,18 +276,18 @@ def apply_schedule(scheduler, *, lr: float, milestones: list[int], gamma: float)
     ``load_state_dict`` brings back the saved milestones, gamma and base LR, so a run resumed with a changed
     schedule (shortened, say) would silently keep the old one. The config wins, as everywhere else; the LR of the
     current step is recomputed from it. Returns a line saying what changed, or None when nothing did."""
-    old = (list(scheduler.base_lrs), sorted(scheduler.milestones.elements()), scheduler.gamma)
-    new = ([lr] * len(scheduler.base_lrs), sorted(milestones), gamma)
-    if old == new:
+    old_lr, old_milestones, old_gamma = scheduler.base_lrs[0], sorted(scheduler.milestones.elements()), scheduler.gamma
+    new_milestones = sorted(milestones)
+    if (old_lr, old_milestones, old_gamma) == (lr, new_milestones, gamma):
         return None
-    scheduler.base_lrs, scheduler.milestones, scheduler.gamma = list(new[0]), Counter(milestones), gamma
-    now = lr * gamma ** bisect.bisect_right(new[1], scheduler.last_epoch)
-    for group in scheduler.optimizer.param_groups:
+    scheduler.milestones, scheduler.gamma = Counter(milestones), gamma
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    now = lr * gamma ** bisect.bisect_right(new_milestones, scheduler.last_epoch)
+    for group in scheduler.optimizer.param_groups:  # the next scheduler.step() starts from these
         group["initial_lr"], group["lr"] = lr, now
-    scheduler._last_lr = [now] * len(scheduler.optimizer.param_groups)
-    changed = [f"{name} {a} -> {b}" for name, a, b in (("lr", f"{old[0][0]:g}", f"{lr:g}"),
-                                                       ("milestones", old[1], new[1]),
-                                                       ("gamma", f"{old[2]:g}", f"{gamma:g}")) if a != b]
+    changed = [f"{name} {a} -> {b}" for name, a, b in (("lr", f"{old_lr:g}", f"{lr:g}"),
+                                                       ("milestones", old_milestones, new_milestones),
+                                                       ("gamma", f"{old_gamma:g}", f"{gamma:g}")) if a != b]
     return f"schedule changed since the checkpoint ({', '.join(changed)}): the config's applies, LR now {now:g}"
 
 

@@ -42,10 +42,10 @@ def committed_sha256(folder: Path, commit: str, file: str) -> str | None:
 def sizes(folder: Path, reg: dict, old: dict) -> str:
     """What the package ships against what it would with every retired file, the README's figures."""
     shipped = sum((folder / e["file"]).stat().st_size for e in reg.values())
-    sizes = [git(folder, "cat-file", "-s", f"{e['retired']['commit']}:{e['retired']['path']}") for e in old.values()]
-    if None in sizes:
+    blobs = [git(folder, "cat-file", "-s", f"{e['retired']['commit']}:{e['retired']['path']}") for e in old.values()]
+    if None in blobs:
         return f"{len(reg)} bundled files, {shipped / 1e6:.1f} MB (no git history here to size the retired ones)"
-    gone = sum(int(s) for s in sizes)
+    gone = sum(int(b) for b in blobs)
     return (f"{len(reg)} bundled files, {shipped / 1e6:.1f} MB; with the {len(old)} retired ones (in git history) "
             f"{(shipped + gone) / 1e6:.1f} MB")
 
