@@ -122,3 +122,53 @@ def test_cli_reports_bad_key_in_one_line(tmp_path, capsys):
     assert main(["train", str(f), "--output-dir", str(tmp_path / "o"), "train.lerning_rate=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "train.lerning_rate" in err and len(err.splitlines()) == 1
+
+
+def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_a_base_config_is_written_as_its_differences():
+    child = flat(load_config(REPO / "configs" / "zoo-edt-t-derain-light-v12.yaml").to_dict())
+    parent = flat(load_config(REPO / "configs" / "zoo-edt-t-derain-light-v11.yaml").to_dict())
+    changed = {k for k in child if child[k] != parent[k]}
+    assert changed == {"name", "train.iterations", "train.milestones", "train.seed", "init.path"}
+    assert child["data.derain-light.exclude"] == ["../shared/data/rain100-overlap-BSD200.txt"]  # inherited
+    assert child["init.path"].endswith("edt-t-derain-light-v11-291.safetensors")
+
+
+def test_base_merges_sections_replaces_lists_and_never_lends_its_name(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "parent.yaml").write_text(
+        "name: parent\nmodel: {size: T, tasks: [sr-x2]}\ndata: {sr-x2: {folders: [x, y], patch: 24}}\n"
+        "train: {lr: 2e-4, milestones: [10, 20], seed: 3}\n")
+    (tmp_path / "sub" / "child.yaml").write_text(
+        "base: ../parent.yaml\ndata: {sr-x2: {folders: [z]}}\ntrain: {milestones: [5]}\n")
+    cfg = load_config(tmp_path / "sub" / "child.yaml", ["train.seed=9"])
+    assert cfg.name == "child"  # the file's, not the base's: the two never share runs/<name>
+    assert cfg.data["sr-x2"].folders == ["z"] and cfg.data["sr-x2"].patch == 24
+    assert (cfg.train.lr, cfg.train.milestones, cfg.train.seed) == (2e-4, [5], 9)
+    assert load_config(tmp_path / "parent.yaml").train.milestones == [10, 20]
+
+
+def test_bad_base_is_a_one_line_error(tmp_path, capsys):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="base: a.yaml leads back to a.yaml, a cycle"):
+        load_config(a)
+    a.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: base: missing.yaml: no such config file"):
+        load_config(a)
+    a.write_text("base: [b.yaml]\n")
+    with pytest.raises(ConfigError, match="base: expected the path of another config file"):
+        load_config(a)
+    with pytest.raises(ConfigError, match="only a config file can name a base"):
+        config_from_dict({**base(), "base": "b.yaml"})
+    a.write_text("base: b.yaml\n")
+    assert main(["train", str(a), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cycle" in err and len(err.splitlines()) == 1

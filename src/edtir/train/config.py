@@ -7,6 +7,7 @@ validation, so they are checked the same way and beat the file.
 
 Layout (see ``configs/*.yaml``)::
 
+    base                               (another config file this one lists differences from; see read_raw)
     name, output_dir
     model:      size, tasks, window_size, upsampler, sf, drop_path
     data:       one entry per task: folders, recursive, subset, exclude, paired, patch, degradation, ...
@@ -129,7 +130,7 @@ class InitConfig:
 
 @dataclass
 class Config:
-    name: str = "edt"
+    name: str = "edt"  # from a file: the file's stem unless it says (read_raw)
     output_dir: str | None = None  # default runs/<name>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: dict[str, TaskDataConfig] = field(default_factory=dict)
@@ -427,12 +428,23 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
     raw = _deepcopy(raw or {})
     for item in overrides:
         apply_override(raw, item)
+    if "base" in raw:
+        raise ConfigError("base: only a config file can name a base config (it is read by load_config)")
     return _check(_build(Config, raw, ""))
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML training config, apply ``key.path=value`` overrides, validate everything."""
-    path = Path(path)
+def merge(parent: dict, child: dict) -> dict:
+    """``child`` over ``parent``: mappings merge key by key, anything else (lists included) replaces."""
+    out = _deepcopy(parent)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = _deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -441,8 +453,39 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections (model, data, train, ...)")
+    return raw or {}
+
+
+def read_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The raw mapping of a config file with its ``base:`` chain merged in, before overrides and checks.
+
+    ``base: other.yaml`` (relative to this file's folder) makes this file a list of differences from another
+    config, so a run that continues a run says only what changed. ``name`` is not inherited: without one, a
+    config is named for its file, so it never shares a run folder with its base by accident.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    raw.setdefault("name", path.stem)
+    if "base" not in raw:
+        return raw
+    ref = raw.pop("base")
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"{path}: base: expected the path of another config file, got {ref!r}")
+    parent = path.parent / ref
+    if not parent.is_file():
+        raise ConfigError(f"{path}: base: {ref}: no such config file (looked for {parent})")
+    chain = (*_chain, path.resolve())
+    if parent.resolve() in chain:
+        raise ConfigError(f"{path}: base: {ref} leads back to {parent.resolve().name}, a cycle")
+    return merge(read_raw(parent, chain), raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML training config (and its ``base:`` chain), apply ``key.path=value`` overrides, check it all."""
+    path = Path(path)
+    raw = read_raw(path)
     try:
-        return config_from_dict(raw or {}, overrides)
+        return config_from_dict(raw, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
