@@ -172,3 +172,16 @@ def test_bad_base_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", str(a), "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "cycle" in err and len(err.splitlines()) == 1
+
+
+def test_print_config_shows_what_would_run_and_trains_nothing(tmp_path, capsys):
+    import yaml
+
+    cfg = REPO / "configs" / "zoo-edt-t-derain-light-v12.yaml"
+    out = tmp_path / "o"
+    assert main(["train", str(cfg), "--output-dir", str(out), "--print-config", "--iterations", "7",
+                 "train.seed=5"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["name"] == "zoo-edt-t-derain-light-v12" and shown["train"]["seed"] == 5
+    assert shown["train"]["iterations"] == 7 and shown["train"]["loss"] == "l2"  # the base's loss
+    assert shown["data"]["derain-light"]["rain"] == "light-wide" and not out.exists()

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train or fine-tune an EDT model from a YAML config",
         usage="%(prog)s CONFIG.yaml [--output-dir D] [--iterations N] [--resume] [--no-progress] "
-              "[key.path=value ...]",
+              "[--print-config] [key.path=value ...]",
         description="Train or fine-tune an EDT model: single-task or multi-task pre-training, fine-tuning "
                     "from a checkpoint (init.path), exact resume (--resume), torchrun DDP.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--iterations", type=int, metavar="N", help="number of training steps (train.iterations)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in D")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config as it would run (base: merged, overrides applied, defaults filled in, "
+                        "checked) and exit without training")
     # nargs='+' made optional: argparse then leaves the overrides for after the options (CONFIG --flags k=v).
     ov = p.add_argument("overrides", nargs="+", default=[], metavar="key.path=value",
                         help="config overrides, e.g. train.lr=1e-4")
@@ -34,10 +37,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..train.config import load_config
-    from ..train.loop import train
+    from ..train.config import dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        if args.iterations is not None:
+            cfg.train.iterations = args.iterations
+        print(dump_config(cfg), end="")
+        return 0
+    from ..train.loop import train
+
     final = train(cfg, args.output_dir, resume=args.resume, iterations=args.iterations,
                   progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line, from rank 0
