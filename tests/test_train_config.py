@@ -143,12 +143,13 @@ def test_a_base_config_is_written_as_its_differences():
 def test_base_merges_sections_replaces_lists_and_never_lends_its_name(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "parent.yaml").write_text(
-        "name: parent\nmodel: {size: T, tasks: [sr-x2]}\ndata: {sr-x2: {folders: [x, y], patch: 24}}\n"
+        "name: parent\noutput_dir: runs/parent\nmodel: {size: T, tasks: [sr-x2]}\n"
+        "data: {sr-x2: {folders: [x, y], patch: 24}}\n"
         "train: {lr: 2e-4, milestones: [10, 20], seed: 3}\n")
     (tmp_path / "sub" / "child.yaml").write_text(
         "base: ../parent.yaml\ndata: {sr-x2: {folders: [z]}}\ntrain: {milestones: [5]}\n")
     cfg = load_config(tmp_path / "sub" / "child.yaml", ["train.seed=9"])
-    assert cfg.name == "child"  # the file's, not the base's: the two never share runs/<name>
+    assert cfg.name == "child" and cfg.output_dir is None  # the two never share a run folder
     assert cfg.data["sr-x2"].folders == ["z"] and cfg.data["sr-x2"].patch == 24
     assert (cfg.train.lr, cfg.train.milestones, cfg.train.seed) == (2e-4, [5], 9)
     assert load_config(tmp_path / "parent.yaml").train.milestones == [10, 20]

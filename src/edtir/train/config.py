@@ -460,8 +460,8 @@ def read_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """The raw mapping of a config file with its ``base:`` chain merged in, before overrides and checks.
 
     ``base: other.yaml`` (relative to this file's folder) makes this file a list of differences from another
-    config, so a run that continues a run says only what changed. ``name`` is not inherited: without one, a
-    config is named for its file, so it never shares a run folder with its base by accident.
+    config, so a run that continues a run says only what changed. ``name`` and ``output_dir`` are not inherited:
+    without a name a config is named for its file, so it never shares a run folder with its base by accident.
     """
     path = Path(path)
     raw = _read_yaml(path)
@@ -477,7 +477,9 @@ def read_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     chain = (*_chain, path.resolve())
     if parent.resolve() in chain:
         raise ConfigError(f"{path}: base: {ref} leads back to {parent.resolve().name}, a cycle")
-    return merge(read_raw(parent, chain), raw)
+    inherited = read_raw(parent, chain)
+    inherited.pop("output_dir", None)
+    return merge(inherited, raw)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
