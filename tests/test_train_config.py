@@ -186,3 +186,5 @@ def test_print_config_shows_what_would_run_and_trains_nothing(tmp_path, capsys):
     assert shown["name"] == "zoo-edt-t-derain-light-v12" and shown["train"]["seed"] == 5
     assert shown["train"]["iterations"] == 7 and shown["train"]["loss"] == "l2"  # the base's loss
     assert shown["data"]["derain-light"]["rain"] == "light-wide" and not out.exists()
+    assert main(["train", str(cfg), "--print-config", "--iterations", "-1"]) == 2  # as without --print-config
+    assert "--iterations must be >= 0" in capsys.readouterr().err

@@ -37,13 +37,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..train.config import dump_config, load_config
+    from ..train.config import dump_config, load_config, with_iterations
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        if args.iterations is not None:
-            cfg.train.iterations = args.iterations
-        print(dump_config(cfg), end="")
+        print(dump_config(with_iterations(cfg, args.iterations)), end="")
         return 0
     from ..train.loop import train
 

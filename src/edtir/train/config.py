@@ -34,7 +34,7 @@ from typing import Any, Union
 import yaml
 
 from ..data.degrade import RAIN_PRESETS
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..models.edt import TASKS, task_kind, task_scale
 
 #: pixel losses a task can train with. L1 is the paper's; L2 for sparse residuals such as light rain, where L1's
@@ -434,14 +434,23 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def merge(parent: dict, child: dict) -> dict:
-    """``child`` over ``parent``: mappings merge key by key, anything else (lists included) replaces."""
-    out = _deepcopy(parent)
+    """``child`` over ``parent``: mappings merge key by key, anything else (lists included) replaces.
+
+    Neither input is changed; values are shared, not copied (``config_from_dict`` copies before it edits)."""
+    out = dict(parent)
     for key, value in child.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = _deepcopy(value)
+        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both_maps else value
     return out
+
+
+def with_iterations(cfg: Config, iterations: int | None) -> Config:
+    """``--iterations N`` over ``train.iterations``: the CLI flag beats the file, as overrides do."""
+    if iterations is not None:
+        if iterations < 0:
+            raise UsageError(f"--iterations must be >= 0, got {iterations}")
+        cfg.train.iterations = iterations
+    return cfg
 
 
 def _read_yaml(path: Path) -> dict:

@@ -32,7 +32,7 @@ from ..data.io import atomic_write_bytes, ensure_writable_dir
 from ..errors import CheckpointError, Interrupted, TrainingStopped, UsageError
 from ..models.edt import EDT, build_model
 from . import distributed, state
-from .config import Config, dump_config
+from .config import Config, dump_config, with_iterations
 from .signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -164,10 +164,7 @@ def _step_of(line: str) -> int:
 def train(cfg: Config, output_dir: str | Path | None = None, *, resume: bool = False,
           iterations: int | None = None, progress: bool = True) -> Path:
     """Train as ``cfg`` says; returns the path of the final weights (``<output>/model.safetensors``)."""
-    if iterations is not None:
-        if iterations < 0:
-            raise UsageError(f"--iterations must be >= 0, got {iterations}")
-        cfg.train.iterations = iterations
+    with_iterations(cfg, iterations)
     out = Path(output_dir or cfg.output_dir or Path("runs") / cfg.name)
     for key, path in (("init.path", cfg.init.path), ("init.body", cfg.init.body)):
         if path and not resume and not Path(path).is_file():  # a resumed run starts from its checkpoint
