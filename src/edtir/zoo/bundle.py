@@ -29,8 +29,9 @@ def machine() -> str:
         return f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__.split('+')[0]}"
     import os
 
+    n = torch.get_num_threads()
     return (f"CPU: {os.cpu_count()}-core {platform.machine()}, torch {torch.__version__.split('+')[0]} "
-            f"({torch.get_num_threads()} threads)")
+            f"({n} thread{'' if n == 1 else 's'})")
 
 
 def measure(model, tasks, data_root: Path, device="cpu", *, only=None, verbose: bool = True) -> dict:
