@@ -136,17 +136,17 @@ def main() -> int:
         model = E.build_model(size, ["sr-x2"]).eval()
         x = torch.rand(1, 3, int(side), int(side))
         head_dim = model.cfg.embed_dim // 2 // model.cfg.heads
-        old = E.EXPLICIT_MAX_HEAD_DIM, E.explicit_attention.on, cpu_kernel.enabled.on
+        old = E.EXPLICIT_MAX_HEAD_DIM, E.explicit_attention.on, cpu_kernel.enabled.on, cpu_kernel.force.on
         E.EXPLICIT_MAX_HEAD_DIM = 1 << 30  # every way for every size here
 
         def switch(name):
             E.explicit_attention.on = name == "explicit"
-            cpu_kernel.enabled.on = name == "C kernel"
+            cpu_kernel.enabled.on = cpu_kernel.force.on = name == "C kernel"  # here even without AVX-512
 
         try:
             times, outs = interleaved(model, x, {n: lambda n=n: switch(n) for n in names}, args.rounds)
         finally:
-            E.EXPLICIT_MAX_HEAD_DIM, E.explicit_attention.on, cpu_kernel.enabled.on = old
+            E.EXPLICIT_MAX_HEAD_DIM, E.explicit_attention.on, cpu_kernel.enabled.on, cpu_kernel.force.on = old
         cell = lambda t: f"{statistics.median(t):.3f} ({min(t):.3f})"  # noqa: E731
         last = names[-1]  # the speed-up and the difference: the last way against the explicit one
         diff = max((outs[n] - outs["explicit"]).abs().max().item() for n in names)

@@ -67,7 +67,7 @@ def bench(size: str, task: str, batch: int, patch: int, device: torch.device, bf
         times = {mode: [] for mode in MODES}
         for _ in range(steps):
             for mode, (kernel, explicit) in MODES.items():
-                with cpu_kernel.enabled(kernel), explicit_attention(explicit):
+                with cpu_kernel.enabled(kernel), cpu_kernel.force(kernel), explicit_attention(explicit):
                     t0 = time.perf_counter()
                     step()
                     times[mode].append(time.perf_counter() - t0)

@@ -18,6 +18,14 @@ from edtir.models.edt import reference_mode
 built = pytest.mark.skipif(cpu_kernel.library() is None, reason=f"the C kernel: {cpu_kernel.status()}")
 
 
+@pytest.fixture(autouse=True)
+def forced():
+    """These tests are about the kernels serving: on a CPU without AVX-512, where they are built and checked but
+    not chosen by default (slower there), they are forced on so that the same tests run everywhere."""
+    with cpu_kernel.force(True):
+        yield
+
+
 CASES = [  # (B, H, W), window, shift, heads, head dim, channels
     ((1, 24, 48), (6, 24), (3, 12), 6, 15, 180),  # EDT-B's heads and width, shifted
     ((2, 48, 24), (6, 24), (3, 12), 6, 5, 60),    # EDT-T's, batch 2, taller than wide
@@ -104,6 +112,26 @@ def test_kernel_serves_inference_only():
         with cpu_kernel.enabled(False):
             assert not cpu_kernel.serves(x, 15)
     assert not cpu_kernel.serves(x, 15)  # autograd on: training keeps the PyTorch path
+
+
+@built
+def test_without_avx512_the_kernels_serve_only_when_forced(monkeypatch):
+    """Built without AVX-512 (AVX2), the kernels ran slower than the PyTorch path (docs/performance.md): they are
+    built and checked there but serve only when asked for; with AVX-512 they serve by default."""
+    x = torch.zeros(1, 4, 4, 8)
+    lib = cpu_kernel.library()
+    for avx512 in (False, True):
+        monkeypatch.setitem(cpu_kernel._state, "lib", lib._replace(avx512=avx512))
+        with torch.no_grad(), cpu_kernel.force(False):
+            assert cpu_kernel.serves(x, 15) == avx512
+            assert cpu_kernel.serves_training(x, 15) == avx512
+            assert cpu_kernel.status().startswith("on" if avx512 else "not used: built without AVX-512")
+        with torch.no_grad(), cpu_kernel.force(True):
+            assert cpu_kernel.serves(x, 15) and cpu_kernel.status().startswith("on")
+    monkeypatch.setenv("EDTIR_CPU_KERNEL", "1")
+    assert cpu_kernel.Switch("EDTIR_CPU_KERNEL", default=False).on  # the variable that forces them
+    monkeypatch.delenv("EDTIR_CPU_KERNEL")
+    assert not cpu_kernel.Switch("EDTIR_CPU_KERNEL", default=False).on
 
 
 @built

@@ -48,7 +48,8 @@ def both_paths(model, x, task=None):
 @pytest.fixture(params=["C kernel", "PyTorch"])
 def cpu_path(request):
     """CPU inference both ways: through the C attention kernel (where it builds) and through PyTorch's ops."""
-    with cpu_kernel.enabled(request.param == "C kernel"):
+    on = request.param == "C kernel"
+    with cpu_kernel.enabled(on), cpu_kernel.force(on):  # forced: without AVX-512 they would not be chosen
         yield request.param
 
 

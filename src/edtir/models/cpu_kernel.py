@@ -18,8 +18,10 @@ it with ``-O3 -march=native -fopenmp`` into the cache (``$EDTIR_CACHE_DIR``, els
 else ``~/.cache/edtir``; about a second, once per machine and source), written under a temporary name and
 renamed (where the cache cannot be written, into a private temporary directory, each process).
 Where that fails (no compiler, no OpenMP) or ``EDTIR_CPU_KERNEL=0``, the model keeps its PyTorch fast path;
-:func:`status` says which and why. Every kernel is checked against the reference formulation (the training ones:
-their gradients too) once per process before any is used.
+:func:`status` says which and why. The kernels are written for AVX-512 (16 floats a vector, 32 registers): built
+without it (AVX2) they ran 1.6-4.5x slower than the PyTorch path, so there they are built and checked but serve
+only when asked for (``EDTIR_CPU_KERNEL=1``, or ``with cpu_kernel.force(True)``). Every kernel is checked
+against the reference formulation (the training ones: their gradients too) once per process before any is used.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ LOG2E = 1.0 / math.log(2.0)
 
 #: EDTIR_CPU_KERNEL=0 in the environment (or ``with cpu_kernel.enabled(False)``) keeps the PyTorch fast path
 enabled = Switch("EDTIR_CPU_KERNEL")
+#: EDTIR_CPU_KERNEL=1 (or ``with cpu_kernel.force(True)``) serves the kernels where the build lacks AVX-512 too
+force = Switch("EDTIR_CPU_KERNEL", default=False)
 _state: dict = {"lib": None, "error": None, "path": None}
 
 
@@ -116,6 +120,7 @@ class Kernels(NamedTuple):
     train_backward: Callable
     dwconv_forward: Callable  # the FFN's depthwise conv + GELU with autograd (cpu_dwconv.c)
     dwconv_backward: Callable
+    avx512: bool = True  # built with AVX-512, where they beat the PyTorch path (edt_avx512 in cpu_ffn.c)
 
 
 def _load() -> Kernels:
@@ -138,7 +143,8 @@ def _load() -> Kernels:
     dw_fwd.argtypes = [ptr] * 5 + [i32] * 5
     dw_bwd.argtypes = [ptr] * 7 + [i32] * 5
     _state["path"] = path
-    kernels = Kernels(attention, ffn, fwd, bwd, dw_fwd, dw_bwd)
+    lib.edt_avx512.restype = i32
+    kernels = Kernels(attention, ffn, fwd, bwd, dw_fwd, dw_bwd, bool(lib.edt_avx512()))
     # loaded mid-training, the check must not move the run's random stream; loaded first under inference_mode
     # (restore, eval), the training kernels' check still needs autograd
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
@@ -156,19 +162,28 @@ def library() -> Kernels | None:
     return _state["lib"]
 
 
+def chosen() -> bool:
+    """Whether the kernels serve where they can: on, built and checked, and built with AVX-512 or forced."""
+    lib = library() if enabled.on else None
+    return lib is not None and (lib.avx512 or force.on)
+
+
 def status() -> str:
     """One line: whether the C kernel serves on this machine, and why not."""
     if not enabled.on:
         return "off (EDTIR_CPU_KERNEL=0)"
-    if library() is not None:
+    if chosen():
         return f"on ({_state['path']})"
+    if library() is not None:
+        return ("not used: built without AVX-512, where they are slower than the PyTorch fast path, which serves "
+                "(EDTIR_CPU_KERNEL=1 uses them)")
     return f"unavailable ({_state['error']}); using the PyTorch fast path"
 
 
 def serves(x: torch.Tensor, head_dim: int) -> bool:
     """CPU, float32 (no autocast), no autograd: inference. The caller checks for export and compile."""
     return (enabled.on and x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and library() is not None)
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and chosen())
 
 
 def serves_training(x: torch.Tensor, head_dim: int = 0) -> bool:
@@ -178,7 +193,7 @@ def serves_training(x: torch.Tensor, head_dim: int = 0) -> bool:
 
     return (enabled.on and x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
             and not torch.is_autocast_enabled("cpu") and not exporting() and not torch.compiler.is_compiling()
-            and library() is not None)
+            and chosen())
 
 
 #: the column width of the kernels' packed weights (4 vectors of 16); the last panel is as narrow as whole vectors allow

@@ -7,12 +7,13 @@ import os
 
 
 class Switch:
-    """``on`` unless the environment variable ``env`` is "0"; ``with switch(False):`` sets it for the block and puts
-    the old value back after it."""
+    """``on`` unless the environment variable ``env`` is "0" (where it is unset: ``default``); ``with
+    switch(False):`` sets it for the block and puts the old value back after it."""
 
-    def __init__(self, env: str):
+    def __init__(self, env: str, default: bool = True):
         self.env = env
-        self.on = os.environ.get(env, "1") != "0"
+        value = os.environ.get(env)
+        self.on = default if value is None else value != "0"
 
     @contextlib.contextmanager
     def __call__(self, on: bool):
