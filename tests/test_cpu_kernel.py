@@ -116,22 +116,36 @@ def test_kernel_serves_inference_only():
 
 @built
 def test_without_avx512_the_kernels_serve_only_when_forced(monkeypatch):
-    """Built without AVX-512 (AVX2), the kernels ran slower than the PyTorch path (docs/performance.md): they are
-    built and checked there but serve only when asked for; with AVX-512 they serve by default."""
+    """Built without AVX-512 (AVX2), the kernels ran slower than the PyTorch path (docs/performance.md): there
+    they are neither built nor used unless asked for, and a forced build is -O2 (GCC's -O3 took minutes over
+    them); with AVX-512 they serve by default, built at -O3."""
     x = torch.zeros(1, 4, 4, 8)
-    lib = cpu_kernel.library()
+    cpu_kernel.library()  # built (forced here) before the CPU is faked
     for avx512 in (False, True):
-        monkeypatch.setitem(cpu_kernel._state, "lib", lib._replace(avx512=avx512))
+        monkeypatch.setattr(cpu_kernel, "native_avx512", lambda a=avx512: a)
         with torch.no_grad(), cpu_kernel.force(False):
-            assert cpu_kernel.serves(x, 15) == avx512
-            assert cpu_kernel.serves_training(x, 15) == avx512
-            assert cpu_kernel.status().startswith("on" if avx512 else "not used: built without AVX-512")
+            assert cpu_kernel.serves(x, 15) == avx512 and cpu_kernel.serves_training(x, 15) == avx512
+            assert cpu_kernel.status().startswith("on" if avx512 else "not used: no AVX-512 on this CPU")
         with torch.no_grad(), cpu_kernel.force(True):
             assert cpu_kernel.serves(x, 15) and cpu_kernel.status().startswith("on")
+        assert ("-O3" in cpu_kernel._flags()) == avx512 and ("-O2" in cpu_kernel._flags()) != avx512
+    monkeypatch.setattr(cpu_kernel, "native_avx512", lambda: False)
+    monkeypatch.setattr(cpu_kernel, "_state", {"lib": None, "error": None, "path": None})
+    with cpu_kernel.force(False):
+        assert not cpu_kernel.serves(x, 15) and cpu_kernel._state["lib"] is None  # not built either
     monkeypatch.setenv("EDTIR_CPU_KERNEL", "1")
     assert cpu_kernel.Switch("EDTIR_CPU_KERNEL", default=False).on  # the variable that forces them
     monkeypatch.delenv("EDTIR_CPU_KERNEL")
     assert not cpu_kernel.Switch("EDTIR_CPU_KERNEL", default=False).on
+
+
+def test_the_avx512_probe_agrees_with_the_cpu():
+    """The probe asks the compiler what -march=native means; on Linux /proc/cpuinfo says the same."""
+    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), None) \
+        if platform.system() == "Linux" else None
+    if flags is None or cpu_kernel.native_avx512() is None:
+        pytest.skip("needs Linux's /proc/cpuinfo and a C compiler")
+    assert cpu_kernel.native_avx512() == (" avx512f" in flags)
 
 
 @built

@@ -229,15 +229,3 @@ int edt_proj_ffn(const float *y, const float *x, float *out, int batch, int H, i
     free(scratch);
     return 0;
 }
-
-/* 1 where this build has AVX-512, 0 elsewhere. The kernels keep 16-float vectors in registers (q and o of 16
-   queries, the 64-column panels' accumulators): AVX-512's 32 registers hold them, AVX2's 16 half-width ones do not,
-   and there the spills made them 1.6-4.5x slower than PyTorch's path (docs/performance.md), so the library serves
-   them by default only where this returns 1. */
-int edt_avx512(void) {
-#ifdef __AVX512F__
-    return 1;
-#else
-    return 0;
-#endif
-}

@@ -20,7 +20,8 @@ renamed (where the cache cannot be written, into a private temporary directory, 
 Where that fails (no compiler, no OpenMP) or ``EDTIR_CPU_KERNEL=0``, the model keeps its PyTorch fast path;
 :func:`status` says which and why. The kernels are written for AVX-512 (16 floats a vector, 32 registers): built
 without it (AVX2) they ran 1.6-4.5x slower than the PyTorch path, so there they are built and checked but serve
-only when asked for (``EDTIR_CPU_KERNEL=1``, or ``with cpu_kernel.force(True)``). Every kernel is checked
+only when asked for (``EDTIR_CPU_KERNEL=1``, or ``with cpu_kernel.force(True)``), and are not even built unless
+asked (GCC took 97 s over them at -O3 for AVX2, against about a second for AVX-512). Every kernel is checked
 against the reference formulation (the training ones: their gradients too) once per process before any is used.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -83,13 +85,22 @@ def _machine() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
+def _flags() -> tuple[str, ...]:
+    """:data:`FLAGS` for the AVX-512 build the kernels were tuned on; -O2 for any other target, where they serve
+    only when forced and GCC's -O3 spent minutes on their 16-float vector code (AVX2: 97 s, against 18 s at -O2)."""
+    if "-march=native" in FLAGS and native_avx512():
+        return FLAGS
+    return tuple("-O2" if f == "-O3" else f for f in FLAGS)
+
+
 def _build() -> Path:
+    flags = _flags()
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (set CC, or install gcc or clang)")
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     text = [p.read_text() for p in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\n".join([*text, " ".join(FLAGS), version, _machine()]).encode()).hexdigest()
+    key = hashlib.sha256("\n".join([*text, " ".join(flags), version, _machine()]).encode()).hexdigest()
     path = cache_dir() / f"cpu_kernels-{key[:16]}.so"
     if path.exists():
         return path
@@ -101,7 +112,7 @@ def _build() -> Path:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        run = subprocess.run([*cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=600)
+        run = subprocess.run([*cc, *flags, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["?"])[-1]
             raise RuntimeError(f"{Path(cc[0]).name} failed: {last[:200]}")
@@ -120,7 +131,6 @@ class Kernels(NamedTuple):
     train_backward: Callable
     dwconv_forward: Callable  # the FFN's depthwise conv + GELU with autograd (cpu_dwconv.c)
     dwconv_backward: Callable
-    avx512: bool = True  # built with AVX-512, where they beat the PyTorch path (edt_avx512 in cpu_ffn.c)
 
 
 def _load() -> Kernels:
@@ -143,8 +153,7 @@ def _load() -> Kernels:
     dw_fwd.argtypes = [ptr] * 5 + [i32] * 5
     dw_bwd.argtypes = [ptr] * 7 + [i32] * 5
     _state["path"] = path
-    lib.edt_avx512.restype = i32
-    kernels = Kernels(attention, ffn, fwd, bwd, dw_fwd, dw_bwd, bool(lib.edt_avx512()))
+    kernels = Kernels(attention, ffn, fwd, bwd, dw_fwd, dw_bwd)
     # loaded mid-training, the check must not move the run's random stream; loaded first under inference_mode
     # (restore, eval), the training kernels' check still needs autograd
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
@@ -162,21 +171,40 @@ def library() -> Kernels | None:
     return _state["lib"]
 
 
+@functools.cache
+def native_avx512() -> bool | None:
+    """Whether the build (``-march=native``) would have AVX-512, from the compiler's own macros (a few ms, no
+    build); None where that cannot be asked (no compiler), so that the build itself reports why."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    try:
+        run = subprocess.run([*cc, "-march=native", "-dM", "-E", "-x", "c", os.devnull], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "__AVX512F__" in run.stdout if run.returncode == 0 else None
+
+
+def wanted() -> bool:
+    """On, and for this CPU (AVX-512, or nothing known against it) or forced: then the kernels are built and used."""
+    return enabled.on and (force.on or native_avx512() is not False)
+
+
 def chosen() -> bool:
-    """Whether the kernels serve where they can: on, built and checked, and built with AVX-512 or forced."""
-    lib = library() if enabled.on else None
-    return lib is not None and (lib.avx512 or force.on)
+    """Whether the kernels serve where they can: wanted, built and checked."""
+    return wanted() and library() is not None
 
 
 def status() -> str:
     """One line: whether the C kernel serves on this machine, and why not."""
     if not enabled.on:
         return "off (EDTIR_CPU_KERNEL=0)"
-    if chosen():
-        return f"on ({_state['path']})"
-    if library() is not None:
-        return ("not used: built without AVX-512, where they are slower than the PyTorch fast path, which serves "
+    if not wanted():
+        return ("not used: no AVX-512 on this CPU, where they are slower than the PyTorch fast path, which serves "
                 "(EDTIR_CPU_KERNEL=1 uses them)")
+    if library() is not None:
+        return f"on ({_state['path']})"
     return f"unavailable ({_state['error']}); using the PyTorch fast path"
 
 
