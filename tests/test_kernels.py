@@ -71,9 +71,8 @@ def test_dwconv_gelu_and_layer_norm_equal_pytorch():
         assert (out - ref).abs().max() <= 1e-4, rows
     # weights laid out beforehand (as a block keeps them) are the ones used, not ``weight``/``bias`` again
     ref2 = F.gelu(F.conv2d(x.permute(0, 3, 1, 2), 2 * w, b, padding=2, groups=20)).permute(0, 2, 3, 1)
-    for rows in (1, 2):
-        out = kernels.dwconv_gelu(x, w, b, blocks=(16, 16), rows=rows, laid=kernels.dwconv_weights(2 * w, b))
-        assert (out - ref2).abs().max() <= 1e-4, rows
+    out = kernels.dwconv_gelu(x, w, b, blocks=(16, 16), rows=2, laid=kernels.dwconv_weights(2 * w, b))
+    assert (out - ref2).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="rows"):
         kernels.dwconv_gelu(x, w, b, rows=3)
     norm = torch.nn.LayerNorm(20).to(DEVICE)

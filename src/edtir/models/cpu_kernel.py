@@ -19,9 +19,9 @@ else ``~/.cache/edtir``; about a second, once per machine and source), written u
 renamed (where the cache cannot be written, into a private temporary directory, each process).
 Where that fails (no compiler, no OpenMP) or ``EDTIR_CPU_KERNEL=0``, the model keeps its PyTorch fast path;
 :func:`status` says which and why. The kernels are written for AVX-512 (16 floats a vector, 32 registers): built
-without it (AVX2) they ran 1.6-4.5x slower than the PyTorch path, so there they are built and checked but serve
-only when asked for (``EDTIR_CPU_KERNEL=1``, or ``with cpu_kernel.force(True)``), and are not even built unless
-asked (GCC took 97 s over them at -O3 for AVX2, against about a second for AVX-512). Every kernel is checked
+without it (AVX2) they ran 1.9-4.5x slower than the PyTorch path, so where the compiler's ``-march=native`` lacks
+AVX-512 they are neither built nor used unless asked for (``EDTIR_CPU_KERNEL=1``, or ``with
+cpu_kernel.force(True)``), and then built at -O2 (GCC took 97 s over them at -O3 for AVX2). Every kernel is checked
 against the reference formulation (the training ones: their gradients too) once per process before any is used.
 """
 
