@@ -20,8 +20,8 @@ built = pytest.mark.skipif(cpu_kernel.library() is None, reason=f"the C kernel: 
 
 @pytest.fixture(autouse=True)
 def forced():
-    """These tests are about the kernels serving: on a CPU without AVX-512, where they are built and checked but
-    not chosen by default (slower there), they are forced on so that the same tests run everywhere."""
+    """These tests are about the kernels serving: on a CPU without AVX-512, where they are neither built nor used by
+    default (slower there), they are forced on so that the same tests run everywhere."""
     with cpu_kernel.force(True):
         yield
 
@@ -140,12 +140,12 @@ def test_without_avx512_the_kernels_serve_only_when_forced(monkeypatch):
 
 
 def test_the_avx512_probe_agrees_with_the_cpu():
-    """The probe asks the compiler what -march=native means; on Linux /proc/cpuinfo says the same."""
-    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), None) \
-        if platform.system() == "Linux" else None
-    if flags is None or cpu_kernel.native_avx512() is None:
+    """The probe asks the compiler what -march=native means; on Linux /proc/cpuinfo's flags (as the library's cache
+    key reads them) say the same."""
+    machine = cpu_kernel._machine()
+    if "flags" not in machine or cpu_kernel.native_avx512() is None:
         pytest.skip("needs Linux's /proc/cpuinfo and a C compiler")
-    assert cpu_kernel.native_avx512() == (" avx512f" in flags)
+    assert cpu_kernel.native_avx512() == (" avx512f" in machine)
 
 
 @built

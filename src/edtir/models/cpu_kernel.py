@@ -210,7 +210,7 @@ def status() -> str:
 
 def serves(x: torch.Tensor, head_dim: int) -> bool:
     """CPU, float32 (no autocast), no autograd: inference. The caller checks for export and compile."""
-    return (enabled.on and x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and chosen())
 
 
@@ -219,7 +219,7 @@ def serves_training(x: torch.Tensor, head_dim: int = 0) -> bool:
     exporting or compiling (the callers check for the fast path)."""
     from .edt import exporting
 
-    return (enabled.on and x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
             and not torch.is_autocast_enabled("cpu") and not exporting() and not torch.compiler.is_compiling()
             and chosen())
 
