@@ -472,3 +472,147 @@ def test_the_library_loads_first_under_inference_mode(monkeypatch):
         model(torch.rand(1, 3, 24, 24), "sr-x2")
     assert calls, "the inference kernels served"
     assert cpu_kernel.status().startswith("on")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The 8-lane attention kernel (cpu_attention8.c): inference where the kernels above are not used
+# ---------------------------------------------------------------------------------------------------------------
+
+built8 = pytest.mark.skipif(cpu_kernel.library8() is None, reason=f"the 8-lane kernel: {cpu_kernel._state8['error']}")
+
+
+@pytest.fixture
+def no_avx512(monkeypatch):
+    """As on a CPU without AVX-512, whatever this one has: the kernels of a block are not wanted, the 8-lane one
+    serves."""
+    monkeypatch.setattr(cpu_kernel, "native_avx512", lambda: False)
+    with cpu_kernel.force(False):
+        yield
+
+
+CASES8 = [  # windows, tokens (A x B), heads, head dim, period, bias_from (None: no bias), gathered with LePE
+    (8, (6, 24), 6, 5, 4, 2, True),     # EDT-T's heads, two images of 4 window rows, a bias on the last two of each
+    (6, (6, 24), 6, 15, 6, 0, True),    # EDT-B's: two chunks of channels (8 + 7), every window with a bias
+    (4, (6, 24), 6, 10, 4, 3, False),   # EDT-S's, rows in window order
+    (4, (3, 5), 2, 16, 2, 1, True),     # 15 tokens (not a multiple of 8 queries), head dim 16
+    (2, (1, 3), 1, 1, 2, None, True),   # 3 tokens, head dim 1: every LePE tap but the centre row's is outside
+    (6, (4, 4), 3, 9, 3, 1, False),     # 16 tokens, head dim 9 (a second chunk of one channel)
+]
+
+
+def case8(case, gen):
+    """Rows, a shift-style bias (0 or -100 between labelled regions, so peaked logits show a wrong mask), and the
+    kernel's keyword arguments (index and LePE when gathered)."""
+    nw, (A, B), heads, d, period, bias_from, gathered = case
+    n = A * B
+    rows = torch.randn(nw, n, 3 * heads * d, generator=gen) * 2
+    bias = None
+    if bias_from is not None:
+        label = torch.randint(0, 3, (period - bias_from, n), generator=gen)
+        bias = torch.where(label[:, :, None] == label[:, None, :], 0.0, -100.0)[:, None]
+    kw = dict(bias_from=bias_from or 0, period=period)
+    if gathered:
+        kw.update(index=torch.randperm(nw * n, generator=gen), n=n,
+                  lepe=(torch.randn(2, 9, heads * d, generator=gen), torch.randn(2, heads * d, generator=gen), (A, B)))
+        rows = rows.view(nw * n, -1)
+    return rows, bias, kw
+
+
+@built8
+@pytest.mark.parametrize("case", CASES8, ids=lambda c: f"{c[0]}x{c[1][0]}x{c[1][1]}-{c[2]}x{c[3]}-bias{c[5]}"
+                                                      f"{'-gathered' if c[6] else ''}")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention8_equals_reference(case, threads):
+    """Against the plain formula in float64: softmax over the base-2 logits, the bias on the windows that take one,
+    the gather, LePE and the scatter back; the bias and LePE must each change the output, so the test can tell."""
+    rows, bias, kw = case8(case, torch.Generator().manual_seed(sum(case[1]) + case[3]))
+    heads, d = case[2], case[3]
+    n = case[1][0] * case[1][1]
+    keys = None if bias is None else cpu_kernel.bias_keys(bias, n)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out = cpu_kernel.window_attention8(rows, heads, d, keys, **kw)
+    finally:
+        torch.set_num_threads(old)
+    ref = cpu_kernel.reference_window_attention8(rows.double(), heads, d, bias, **kw)
+    assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
+    if bias is not None:
+        assert (cpu_kernel.reference_window_attention8(rows.double(), heads, d, None, **kw) - ref).abs().max() > 0.1
+    if "lepe" in kw:
+        plain = cpu_kernel.reference_window_attention8(rows.double(), heads, d, bias, **{**kw, "lepe": None})
+        assert (plain - ref).abs().max() > 0.1
+
+
+@built8
+def test_attention8_rejects_what_does_not_fit():
+    rows = torch.zeros(2, 15, 18)
+    with pytest.raises(ValueError, match="do not hold q, k, v"):
+        cpu_kernel.window_attention8(rows, 2, 4)
+    with pytest.raises(ValueError, match="does not fit windows of 15"):
+        cpu_kernel.window_attention8(rows, 2, 3, torch.zeros(1, 15, 15))
+    with pytest.raises(ValueError, match="LePE weights"):
+        cpu_kernel.window_attention8(rows, 2, 3, lepe=(torch.zeros(2, 9, 6), torch.zeros(2, 6), (4, 4)))
+    with pytest.raises(ValueError, match="index must be int64"):
+        cpu_kernel.window_attention8(rows.view(30, 18), 2, 3, index=torch.arange(30).int(), n=15)
+
+
+@built8
+@pytest.mark.parametrize("make", [small_t, small_b], ids=["EDT-T", "EDT-B-like"])
+def test_model_with_the_8_lane_kernel_equals_reference(make, no_avx512, monkeypatch):
+    """Without AVX-512 the fast path's attention goes to the 8-lane kernel (shifted blocks and not, two tasks) and
+    the output is the reference's."""
+    calls = []
+    real = cpu_kernel.window_attention8
+    monkeypatch.setattr(cpu_kernel, "window_attention8", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = sharpen(make(("sr-x2", "denoise-25"))).eval()
+    g = torch.Generator().manual_seed(6)
+    inputs = {"sr-x2": torch.rand(2, 3, 48, 72, generator=g), "denoise-25": torch.rand(1, 3, 96, 96, generator=g)}
+    with torch.inference_mode():
+        for task, x in inputs.items():
+            fast = model(x, task=task)
+            n = len(calls)
+            with reference_mode():
+                ref = model(x, task=task)
+            assert len(calls) == n  # the reference path does not use it
+            assert (fast - ref).abs().max() <= TOL
+    assert len(calls) == 2 * len(model.body.layers) * 2  # every block of both passes
+
+
+@built8
+def test_attention8_serves_inference_without_avx512_only(no_avx512, monkeypatch):
+    x = torch.zeros(1, 4, 4, 8)
+    with torch.no_grad():
+        assert cpu_kernel.serves8(x, 15) and not cpu_kernel.serves(x, 15)
+        assert not cpu_kernel.serves8(x, 17)  # wider heads: PyTorch's attention
+        assert not cpu_kernel.serves8(x.double(), 15)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not cpu_kernel.serves8(x, 15)
+        with cpu_kernel.enabled(False):
+            assert not cpu_kernel.serves8(x, 15)
+        with cpu_kernel.attention8(False):
+            assert not cpu_kernel.serves8(x, 15)
+            assert "EDTIR_CPU_ATTENTION8=0" in cpu_kernel.status()
+        assert "the 8-lane kernel" in cpu_kernel.status()
+        with cpu_kernel.force(True):  # the kernels of a block, forced, take the whole block
+            assert not cpu_kernel.serves8(x, 15)
+        monkeypatch.setattr(cpu_kernel, "native_avx512", lambda: True)
+        assert not cpu_kernel.serves8(x, 15)  # AVX-512: the kernels of a block serve
+    assert not cpu_kernel.serves8(x, 15)  # autograd on: training
+
+
+@built8
+def test_a_miscompiled_8_lane_kernel_is_not_used(monkeypatch):
+    """The check on load refuses a kernel that computes something else; then PyTorch's attention serves."""
+    def wrong(rows, index, out, *args):  # fills its output with pi
+        nw_n, hd = (args[-5] * args[-4], args[-3] * args[-2])
+        (ctypes.c_float * (nw_n * hd)).from_address(out)[:] = [math.pi] * (nw_n * hd)
+        return 0
+    with pytest.raises(RuntimeError, match="8-lane attention kernel is off by"):
+        cpu_kernel._check8(wrong)
+    check = cpu_kernel._check8
+    check(cpu_kernel.library8())  # and the real one passes
+    monkeypatch.setattr(cpu_kernel, "_state8", {"fn": None, "error": None, "path": None})
+    monkeypatch.setattr(cpu_kernel, "_check8", lambda fn: check(wrong))  # as if the build computed that
+    assert cpu_kernel.library8() is None and "off by" in cpu_kernel._state8["error"]

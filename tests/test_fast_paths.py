@@ -45,11 +45,15 @@ def both_paths(model, x, task=None):
     return fast, ref
 
 
-@pytest.fixture(params=["C kernel", "PyTorch"])
-def cpu_path(request):
-    """CPU inference both ways: through the C attention kernel (where it builds) and through PyTorch's ops."""
-    on = request.param == "C kernel"
-    with cpu_kernel.enabled(on), cpu_kernel.force(on):  # forced: without AVX-512 they would not be chosen
+@pytest.fixture(params=["C kernel", "C 8-lane", "PyTorch"])
+def cpu_path(request, monkeypatch):
+    """CPU inference three ways: through the C kernels of a block (where they build), through PyTorch's ops with
+    the 8-lane attention kernel (what a CPU without AVX-512 runs, whatever this one has) and through PyTorch's ops
+    alone."""
+    if request.param == "C 8-lane":
+        monkeypatch.setattr(cpu_kernel, "native_avx512", lambda: False)
+    on, forced = request.param != "PyTorch", request.param == "C kernel"
+    with cpu_kernel.enabled(on), cpu_kernel.force(forced):  # forced: without AVX-512 they would not be chosen
         yield request.param
 
 

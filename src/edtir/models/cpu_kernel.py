@@ -23,6 +23,12 @@ without it (AVX2) they ran 1.9-4.5x slower than the PyTorch path, so where the c
 AVX-512 they are neither built nor used unless asked for (``EDTIR_CPU_KERNEL=1``, or ``with
 cpu_kernel.force(True)``), and then built at -O2 (GCC took 97 s over them at -O3 for AVX2). Every kernel is checked
 against the reference formulation (the training ones: their gradients too) once per process before any is used.
+
+There, a fifth kernel built on its own (``cpu_attention8.c``, -O3, under 10 s) takes the PyTorch fast path's window
+attention for fp32 inference instead (:func:`window_attention8`): the gather into windows, q kᵀ, the shift mask,
+softmax, the product with v, LePE and the scatter back, 8 queries a vector, the head dim in chunks of 8 channels so
+that what is held fits AVX2's 16 registers. On a 2-core AVX2 VM it took EDT-T x2 at 264x264 from 10.0 to 4.4 s and
+EDT-B x2 at 72x72 from 2.8 to 2.1 s (docs/performance.md). ``EDTIR_CPU_ATTENTION8=0`` keeps PyTorch's attention.
 """
 
 from __future__ import annotations
@@ -93,15 +99,18 @@ def _flags() -> tuple[str, ...]:
     return tuple("-O2" if f == "-O3" else f for f in FLAGS)
 
 
-def _build() -> Path:
-    flags = _flags()
+def _build(sources: tuple[Path, ...] = SOURCES, flags: tuple[str, ...] | None = None,
+           stem: str = "cpu_kernels") -> Path:
+    """The library of ``sources`` (with :data:`HEADERS`) in the cache, built once per source, flags, compiler and
+    CPU."""
+    flags = flags or _flags()
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (set CC, or install gcc or clang)")
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    text = [p.read_text() for p in (*SOURCES, *HEADERS)]
+    text = [p.read_text() for p in (*sources, *HEADERS)]
     key = hashlib.sha256("\n".join([*text, " ".join(flags), version, _machine()]).encode()).hexdigest()
-    path = cache_dir() / f"cpu_kernels-{key[:16]}.so"
+    path = cache_dir() / f"{stem}-{key[:16]}.so"
     if path.exists():
         return path
     try:
@@ -112,7 +121,7 @@ def _build() -> Path:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        run = subprocess.run([*cc, *flags, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=600)
+        run = subprocess.run([*cc, *flags, "-o", tmp, *map(str, sources)], capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["?"])[-1]
             raise RuntimeError(f"{Path(cc[0]).name} failed: {last[:200]}")
@@ -201,8 +210,14 @@ def status() -> str:
     if not enabled.on:
         return "off (EDTIR_CPU_KERNEL=0)"
     if not wanted():
-        return ("not used: no AVX-512 on this CPU, where they are slower than the PyTorch fast path, which serves "
-                "(EDTIR_CPU_KERNEL=1 uses them)")
+        if not attention8.on:
+            eight = "its attention in PyTorch (EDTIR_CPU_ATTENTION8=0)"
+        elif library8() is not None:
+            eight = f"its attention in the 8-lane kernel ({_state8['path']})"
+        else:
+            eight = f"its attention in PyTorch (the 8-lane kernel is unavailable: {_state8['error']})"
+        return ("not used: no AVX-512 on this CPU, where they are slower than the PyTorch fast path, which serves, "
+                f"{eight} (EDTIR_CPU_KERNEL=1 uses them)")
     if library() is not None:
         return f"on ({_state['path']})"
     return f"unavailable ({_state['error']}); using the PyTorch fast path"
@@ -436,12 +451,17 @@ def _ffn_case(gen, shape, C, hidden):
 # Window attention with autograd, for training (cpu_attention_train.c)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _bias_pair(bias: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (rows, [1,] N, N) bias in e-units as the kernel reads it: in base-2 units, key-major and query-major, the
-    last axis padded to whole vectors."""
+def bias_keys(bias: torch.Tensor, n: int) -> torch.Tensor:
+    """A (rows, [1,] N, N) bias in e-units as the kernels' forward reads it: in base-2 units, key-major (the queries
+    along the last axis), that axis padded with zeros to whole vectors of 16."""
     b = bias.detach().reshape(-1, n, n).float() * LOG2E
-    pad = (0, _lanes(n) - n)
-    return F.pad(b.transpose(1, 2), pad).contiguous(), F.pad(b, pad).contiguous()
+    return F.pad(b.transpose(1, 2), (0, _lanes(n) - n)).contiguous()
+
+
+def _bias_pair(bias: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bias_keys`, and the same query-major (for the backward)."""
+    b = bias.detach().reshape(-1, n, n).float() * LOG2E
+    return bias_keys(bias, n), F.pad(b, (0, _lanes(n) - n)).contiguous()
 
 
 class _WindowAttention(torch.autograd.Function):
@@ -600,3 +620,118 @@ def _check_dwconv(lib: Kernels, gen) -> None:
     err = _max_error(*against_reference(lambda *t: dwconv_gelu(*t, lib=lib), reference_dwconv_gelu, [h, w, b], g))
     if not err <= 1e-4:
         raise RuntimeError(f"the built depthwise conv kernel is off by {err:.3g} from the reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Window attention at 8 lanes, for inference where the kernels above are not used (cpu_attention8.c)
+# ---------------------------------------------------------------------------------------------------------------
+
+SOURCES8 = (Path(__file__).with_name("cpu_attention8.c"),)
+#: EDTIR_CPU_ATTENTION8=0 (or ``with cpu_kernel.attention8(False)``) keeps PyTorch's explicit attention there
+attention8 = Switch("EDTIR_CPU_ATTENTION8")
+_state8: dict = {"fn": None, "error": None, "path": None}
+
+
+def _load8() -> Callable:
+    path = _build(SOURCES8, FLAGS, "cpu_attention8")
+    fn = ctypes.CDLL(str(path)).edt_window_attention8
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    fn.restype = i32
+    fn.argtypes = [ptr] * 4 + [i32] * 3 + [ptr] * 2 + [i32] * 2 + [ctypes.c_int64] + [i32] * 4
+    _state8["path"] = path
+    _check8(fn)
+    return fn
+
+
+def _check8(fn: Callable) -> None:
+    """The 8-lane kernel against the reference in float64 (one chunk of channels and two, 15 tokens, rows in order
+    and gathered with LePE): a compiler that miscompiles it must not change a user's output."""
+    gen = torch.Generator().manual_seed(0)
+    for d, lepe in ((3, False), (11, True)):  # one chunk of channels and two; rows in order, and gathered with LePE
+        rows, bias, _, plan = _train_case(gen, d=d)
+        nw, n, width = rows.shape
+        args = {}
+        if lepe:
+            args = dict(index=torch.randperm(nw * n, generator=gen), n=n,
+                        lepe=(torch.randn(2, 9, 2 * d, generator=gen), torch.randn(2, 2 * d, generator=gen), (3, 5)))
+            rows = rows.view(-1, width)
+        with torch.no_grad():
+            out = window_attention8(rows, 2, d, bias_keys(bias, n), **plan, **args, fn=fn)
+        err = (out - reference_window_attention8(rows.double(), 2, d, bias, **plan, **args)).abs().max().item()
+        if not err <= 1e-4:
+            raise RuntimeError(f"the built 8-lane attention kernel is off by {err:.3g} from the reference")
+
+
+def library8() -> Callable | None:
+    """The 8-lane attention kernel, built (-O3, a few seconds) and checked on first call; None where it cannot
+    serve."""
+    if _state8["fn"] is None and _state8["error"] is None:
+        try:
+            _state8["fn"] = _load8()
+        except Exception as e:  # no compiler, a failed build, a wrong result: PyTorch's attention serves
+            _state8["error"] = f"{type(e).__name__}: {e}"
+    return _state8["fn"]
+
+
+def serves8(x: torch.Tensor, head_dim: int) -> bool:
+    """Inference on the CPU in float32, not exporting or compiling, where the AVX-512 kernels are not wanted (the
+    caller checks for the fast path): the window attention goes to :func:`window_attention8`."""
+    from .edt import exporting
+
+    return (enabled.on and attention8.on and x.device.type == "cpu" and x.dtype == torch.float32
+            and head_dim <= MAX_HEAD_DIM and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not exporting() and not torch.compiler.is_compiling() and not wanted() and library8() is not None)
+
+
+def window_attention8(rows: torch.Tensor, heads: int, d: int, keys: torch.Tensor | None = None, bias_from: int = 0,
+                      period: int | None = None, index: torch.Tensor | None = None, n: int | None = None,
+                      lepe: tuple | None = None, fn: Callable | None = None) -> torch.Tensor:
+    """softmax(q kᵀ + bias) v per window and head, without autograd, 8 queries a vector (AVX2). ``rows`` (windows,
+    N, 3 heads d) as :func:`window_attention` takes them (q multiplied by the scale and :data:`LOG2E`), or 2-D
+    with ``index`` (windows * N,) naming the row of each token of each window and ``n`` = N: the kernel gathers
+    them itself, and writes each token's output to the row it came from. ``keys``: the bias as :func:`bias_keys` lays it out, for the windows at positions ``bias_from``
+    and later within every ``period``. ``lepe``: (weight (2, 9, heads d) tap-major, bias (2, heads d), (A, B)):
+    adds LePE, the 3x3 depthwise conv of v inside each A x B window, window w taking branch w % 2's kernel.
+    -> (windows, N, heads d), or with ``index`` (windows * N, heads d) in the rows' order."""
+    width = rows.shape[-1]
+    if index is None:
+        nw, n = rows.shape[:2]
+    else:
+        nw = index.numel() // n
+        if rows.dim() != 2 or index.dtype != torch.int64 or index.numel() != nw * n:
+            raise ValueError("window_attention8: index must be int64, (windows * N,), over 2-D rows")
+        index = index.contiguous()
+    if width != 3 * heads * d or d > MAX_HEAD_DIM:
+        raise ValueError(f"window_attention8: rows of {width} do not hold q, k, v of {heads} heads of {d}")
+    if keys is not None and (keys.dtype != torch.float32 or keys.shape[1:] != (n, _lanes(n))):
+        raise ValueError(f"window_attention8: a bias of {tuple(keys.shape)} does not fit windows of {n} tokens")
+    lw, lb, (A, B) = lepe if lepe is not None else (None, None, (0, 0))
+    if lepe is not None and (lw.shape != (2, 9, heads * d) or lb.shape != (2, heads * d) or A * B != n or nw % 2):
+        raise ValueError(f"window_attention8: LePE weights {tuple(lw.shape)} do not fit {heads} heads of {d} in "
+                         f"windows of {n} tokens")
+    rows = rows.contiguous()
+    lw, lb = (None, None) if lepe is None else (lw.float().contiguous(), lb.float().contiguous())
+    out = rows.new_empty(nw, n, heads * d) if index is None else rows.new_empty(nw * n, heads * d)
+    rc = (fn or library8())(rows.data_ptr(), _ptr(index), out.data_ptr(), _ptr(keys), _lanes(n), bias_from,
+                            period or nw, _ptr(lw), _ptr(lb), A, B, nw, n, heads, d, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError("edt_window_attention8 failed (out of memory?)")
+    return out
+
+
+def reference_window_attention8(rows, heads: int, d: int, bias=None, bias_from: int = 0, period=None, index=None,
+                                n: int | None = None, lepe=None) -> torch.Tensor:
+    """:func:`window_attention8` in PyTorch's ops (``bias`` as :func:`window_attention` takes it, not laid out)."""
+    if index is not None:
+        out = reference_window_attention8(rows[index].view(-1, n, rows.shape[-1]), heads, d, bias, bias_from, period,
+                                          lepe=lepe)
+        return out.reshape(-1, out.shape[-1]).index_copy(0, index, out.reshape(-1, out.shape[-1]))
+    out = reference_window_attention_rows(rows, heads, d, bias, bias_from, period)
+    if lepe is not None:
+        w, b, (A, B) = lepe
+        nw, n, hd = out.shape
+        v = rows[..., 2 * hd:].reshape(nw // 2, 2, n, hd).transpose(2, 3).reshape(nw // 2, 2 * hd, A, B)
+        conv = F.conv2d(v, w.to(v.dtype).transpose(1, 2).reshape(2 * hd, 1, 3, 3), b.to(v.dtype).reshape(-1),
+                        padding=1, groups=2 * hd)
+        out = out + conv.reshape(nw // 2, 2, hd, n).permute(0, 1, 3, 2).reshape(nw, n, hd)
+    return out

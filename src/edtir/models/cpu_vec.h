@@ -46,6 +46,12 @@ static inline v16 vmax(v16 a, v16 b) {
 #endif
 }
 
+/* 2^r for r in [-1/2, 1/2], lane-wise for vectors of any width (SPLAT broadcasts a float to one) */
+#define EXP2_POLY(r, SPLAT)                                                                                    \
+    (((((SPLAT(1.326472614891827e-3f) * (r) + SPLAT(9.671512991189957e-3f)) * (r) +                            \
+        SPLAT(5.550733581185341e-2f)) * (r) + SPLAT(2.4022242426872253e-1f)) * (r) +                            \
+      SPLAT(6.931470036506653e-1f)) * (r) + SPLAT(1.0f))
+
 /* 2^x for x <= 0 (softmax after subtracting the maximum, in base 2: q comes multiplied by log2(e)), lane-wise: a
    degree-5 polynomial for 2^r on [-1/2, 1/2] (relative error 1.9e-7, fitted for this file), times 2^round(x).
    Far below zero it returns 0 (AVX-512) or 2^-126, as good as zero next to the maximum's 1. */
@@ -60,12 +66,7 @@ static inline v16 vexp2(v16 x) {
     v16 t = x + magic;
     v16 r = x - (t - magic); /* in [-1/2, 1/2] */
 #endif
-    v16 p = splat(1.326472614891827e-3f);
-    p = p * r + splat(9.671512991189957e-3f);
-    p = p * r + splat(5.550733581185341e-2f);
-    p = p * r + splat(2.4022242426872253e-1f);
-    p = p * r + splat(6.931470036506653e-1f);
-    p = p * r + splat(1.0f);
+    v16 p = EXP2_POLY(r, splat);
 #ifdef __AVX512F__
     return (v16)_mm512_scalef_ps((__m512)p, n);
 #else

@@ -564,6 +564,10 @@ class WindowLayout:
             return full()
         return self._remember(("bias", batch, dtype), full)
 
+    def key_major_bias(self) -> torch.Tensor:
+        """:meth:`tail_bias` as the CPU's 8-lane attention kernel reads it (:func:`cpu_kernel.bias_keys`), cached."""
+        return self._remember("keys", lambda: cpu_kernel.bias_keys(self._bias, self.window[0] * self.window[1]))
+
     def tail_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """Shift bias of one image's window rows from ``bias_from`` on: ((nW * 2 - bias_from), 1, N, N)."""
         return self._bias if self._bias.dtype == dtype else self._remember(("tail", dtype),
@@ -776,13 +780,22 @@ class EDTBlock(nn.Module):
         heads, d, half = a.heads, a.head_dim, C // 2
         (wh, ww), n = layout.window, layout.window[0] * layout.window[1]
         explicit = use_explicit_attention(x, d)
-        # training on the CPU: the C kernel with its own backward, on q, k and v as narrow as the heads
+        # training on the CPU: the C kernel with its own backward, on q, k and v as narrow as the heads; inference
+        # on a CPU without AVX-512: the 8-lane C kernel, on q, k and v as narrow too
         trains = explicit and torch.is_grad_enabled() and cpu_kernel.serves_training(x, d)
-        pk, pv = (d, d) if trains else head_pad(x.device, d, explicit and not torch.is_grad_enabled())
-        w, b = self.qkv_weight((pk, pv), scale_q=explicit, q_factor=cpu_kernel.LOG2E if trains else 1.0)
+        lanes8 = explicit and not trains and cpu_kernel.serves8(x, d)
+        pk, pv = (d, d) if trains or lanes8 else head_pad(x.device, d, explicit and not torch.is_grad_enabled())
+        w, b = self.qkv_weight((pk, pv), scale_q=explicit, q_factor=cpu_kernel.LOG2E if trains or lanes8 else 1.0)
         qkv = linear(self.qkv, x, weight=w, bias=b)  # (B, H, W, [branch, q/k/v, head, padded dim])
         gather, scatter = layout.indices(B, self.shifted)
         width = heads * (2 * pk + pv)  # per token and branch
+        if lanes8:  # the gathers, the attention and LePE in one call, with LePE's kernels as below
+            lepe = (torch.cat([a.lepe.weight, self.attns[1].lepe.weight.transpose(-1, -2)]).view(2, half, 9)
+                    .transpose(1, 2), torch.cat([a.lepe.bias, self.attns[1].lepe.bias]).view(2, half), (wh, ww))
+            out = cpu_kernel.window_attention8(qkv.reshape(-1, width), heads, d,
+                                               layout.key_major_bias() if self.shifted else None, layout.bias_from,
+                                               layout.windows, index=gather, n=n, lepe=lepe)
+            return out.view(B, H, W, C)
         rows = permute_rows(qkv.reshape(-1, width), gather, scatter).view(-1, n, width)  # (B * nW * 2, N, width)
         q, k, v = (part.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B * nW * 2, heads, N, pk or pv)
                    for part in rows.split([heads * pk, heads * pk, heads * pv], dim=-1))
