@@ -1,8 +1,10 @@
-"""CPU fp32 inference, three ways to compute the attention, interleaved in one process with the same weights and
+"""CPU fp32 inference, four ways to compute the attention, interleaved in one process with the same weights and
 input: the flash kernel (heads padded to 16), the explicit, chunked attention (``edtir.models.edt.
-windowed_attention``; it pads EDT-T's q and k to 8 only), and the C kernels (``edtir.models.cpu_kernel``: the
-norm, qkv, both branches, the shift mask and LePE in one call, no gathers; then proj and the FFN in another; the
-default where they build).
+windowed_attention``; it pads EDT-T's q and k to 8 only), the C kernels of a block (``edtir.models.cpu_kernel``:
+the norm, qkv, both branches, the shift mask and LePE in one call, no gathers; then proj and the FFN in another;
+the default with AVX-512) and the 8-lane attention kernel (``cpu_kernel.window_attention8``: the gathers, the
+attention, the shift mask and LePE in one call inside PyTorch's fast path; the default without AVX-512). Both C
+ways run on any CPU here, whatever the default.
 
     python benchmarks/cpu_attention.py                       # T 264, S 144, B 72, B 144, L 48; 2 threads, 3 rounds
     python benchmarks/cpu_attention.py --cases T:264,B:144 --threads 1 --rounds 5
@@ -127,31 +129,37 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(f"# CPU, {args.threads} threads; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}; "
           f"median (min) s of {args.rounds} interleaved rounds after a warm-up; C kernel: {cpu_kernel.status()}")
-    names = ("flash", "explicit", "C kernel") if cpu_kernel.library() else ("flash", "explicit")
+    names = ("flash", "explicit") + ("C kernel",) * bool(cpu_kernel.library()) + ("C 8-lane",) * bool(
+        cpu_kernel.library8())
+    fastest = [n for n in names if n.startswith("C")]
     print(f"{'model':<8}{'input':>8}{'head dim':>10}" + "".join(f"{n:>18}" for n in names)
-          + f"{'speed-up':>10}{'max |diff|':>12}")
+          + "".join(f"{'x ' + n[2:]:>12}" for n in fastest) + f"{'max |diff|':>12}")
     for case in args.cases.split(","):
         size, side = case.split(":")
         torch.manual_seed(0)
         model = E.build_model(size, ["sr-x2"]).eval()
         x = torch.rand(1, 3, int(side), int(side))
         head_dim = model.cfg.embed_dim // 2 // model.cfg.heads
-        old = E.EXPLICIT_MAX_HEAD_DIM, E.explicit_attention.on, cpu_kernel.enabled.on, cpu_kernel.force.on
+        old = (E.EXPLICIT_MAX_HEAD_DIM, E.explicit_attention.on, cpu_kernel.enabled.on, cpu_kernel.force.on,
+               cpu_kernel.native_avx512)
         E.EXPLICIT_MAX_HEAD_DIM = 1 << 30  # every way for every size here
 
         def switch(name):
-            E.explicit_attention.on = name == "explicit"
-            cpu_kernel.enabled.on = cpu_kernel.force.on = name == "C kernel"  # here even without AVX-512
+            E.explicit_attention.on = name in ("explicit", "C 8-lane")
+            cpu_kernel.enabled.on = name.startswith("C")
+            cpu_kernel.force.on = name == "C kernel"  # here even without AVX-512
+            cpu_kernel.native_avx512 = (lambda: False) if name == "C 8-lane" else old[-1]  # here even with it
 
         try:
             times, outs = interleaved(model, x, {n: lambda n=n: switch(n) for n in names}, args.rounds)
         finally:
-            E.EXPLICIT_MAX_HEAD_DIM, E.explicit_attention.on, cpu_kernel.enabled.on, cpu_kernel.force.on = old
+            (E.EXPLICIT_MAX_HEAD_DIM, E.explicit_attention.on, cpu_kernel.enabled.on, cpu_kernel.force.on,
+             cpu_kernel.native_avx512) = old
         cell = lambda t: f"{statistics.median(t):.3f} ({min(t):.3f})"  # noqa: E731
-        last = names[-1]  # the speed-up and the difference: the last way against the explicit one
+        explicit = statistics.median(times["explicit"])  # the speed-ups and the difference: against explicit
         diff = max((outs[n] - outs["explicit"]).abs().max().item() for n in names)
         print(f"EDT-{size:<4}{side + 'x' + side:>8}{head_dim:>10}" + "".join(f"{cell(times[n]):>18}" for n in names)
-              + f"{statistics.median(times['explicit']) / statistics.median(times[last]):>10.2f}{diff:>12.1e}",
+              + "".join(f"{explicit / statistics.median(times[n]):>12.2f}" for n in fastest) + f"{diff:>12.1e}",
               flush=True)
     return 0
 

@@ -313,7 +313,7 @@ def test_windowed_attention_gradients(chunk):
         lambda q, k, v: windowed_attention(q, k, v, bias, 0.7, chunk=chunk, bias_from=2, period=3), (q, k, v))
 
 
-def test_explicit_attention_is_chosen_for_cpu_fp32(pytorch_path):
+def test_explicit_attention_is_chosen_for_cpu_fp32(pytorch_path, monkeypatch):
     from edtir.models import edt
 
     x = torch.zeros(1, 2, 2, 60)
@@ -323,7 +323,14 @@ def test_explicit_attention_is_chosen_for_cpu_fp32(pytorch_path):
         assert not edt.use_explicit_attention(x.bfloat16(), 5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not edt.use_explicit_attention(x, 5)
-    assert edt.use_explicit_attention(x, 5)  # training too (its own backward)
+    for avx512 in (True, False):  # training too (its own backward) with AVX-512; without it, torch's fused kernel
+        monkeypatch.setattr(cpu_kernel, "native_avx512", lambda a=avx512: a)
+        assert edt.use_explicit_attention(x, 5) == avx512
+        with torch.no_grad():
+            assert edt.use_explicit_attention(x, 5)
+        with cpu_kernel.enabled(True), cpu_kernel.force(True):  # the C kernels forced: theirs
+            assert edt.use_explicit_attention(x, 5)
+    monkeypatch.undo()
     model = edt.build_model("T", ["sr-x2"], depths=(2,)).eval()
     img = torch.rand(1, 3, 48, 72)
     with torch.no_grad():

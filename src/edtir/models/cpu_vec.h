@@ -1,6 +1,7 @@
 /* Vector helpers shared by the CPU kernels (cpu_attention.c, cpu_ffn.c): 16 float lanes through GCC/Clang vector
    extensions, so the same code builds for AVX-512, AVX2 or any other target; AVX-512 intrinsics where they save
-   work. */
+   work. A source that defines LANES as 8 before including this gets vectors of 8 floats instead (the type keeps its
+   name v16), for CPUs with 16 registers of 8 (AVX2): the 8-lane library (cpu_kernel.py) builds cpu_dwconv.c so. */
 #ifndef EDTIR_CPU_VEC_H
 #define EDTIR_CPU_VEC_H
 
@@ -8,17 +9,28 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#ifdef __AVX__
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
+#ifndef LANES
 #define LANES 16
+#endif
+#if LANES != 16 && LANES != 8
+#error "LANES must be 16 or 8"
+#endif
+/* AVX-512 intrinsics only on vectors of 16 */
+#if defined(__AVX512F__) && LANES == 16
+#define VEC512 1
+#else
+#define VEC512 0
+#endif
+
+typedef float v16 __attribute__((vector_size(LANES * 4)));
+typedef int32_t v16i __attribute__((vector_size(LANES * 4)));
 
 /* n rounded up to whole vectors */
 static inline int whole_lanes(int n) { return (n + LANES - 1) / LANES * LANES; }
@@ -35,11 +47,17 @@ static inline int thread_id(void) {
 #endif
 }
 
+#if LANES == 16
 static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+#else
+static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x}; }
+#endif
 
 static inline v16 vmax(v16 a, v16 b) {
-#ifdef __AVX512F__
+#if VEC512
     return (v16)_mm512_max_ps((__m512)a, (__m512)b);
+#elif LANES == 8 && defined(__AVX__)
+    return (v16)_mm256_max_ps((__m256)a, (__m256)b);
 #else
     v16i m = a > b;
     return (v16)(((v16i)a & m) | ((v16i)b & ~m));
@@ -56,7 +74,7 @@ static inline v16 vmax(v16 a, v16 b) {
    degree-5 polynomial for 2^r on [-1/2, 1/2] (relative error 1.9e-7, fitted for this file), times 2^round(x).
    Far below zero it returns 0 (AVX-512) or 2^-126, as good as zero next to the maximum's 1. */
 static inline v16 vexp2(v16 x) {
-#ifdef __AVX512F__
+#if VEC512
     /* AVX-512: round, then scalef multiplies by 2^n and flushes what falls below the range to zero */
     __m512 n = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v16 r = x - (v16)n;
@@ -67,7 +85,7 @@ static inline v16 vexp2(v16 x) {
     v16 r = x - (t - magic); /* in [-1/2, 1/2] */
 #endif
     v16 p = EXP2_POLY(r, splat);
-#ifdef __AVX512F__
+#if VEC512
     return (v16)_mm512_scalef_ps((__m512)p, n);
 #else
     /* t's low bits hold round(x); shifted into the exponent field, the high bits (1.5 * 2^23's) fall off */
@@ -91,7 +109,7 @@ static inline v16 vselect(v16i m, v16 a, v16 b) { return (v16)(((v16i)a & m) | (
 /* A vector of the first n (1..16) floats at p, zeros after; and its store. */
 static inline v16 vload_n(const float *p, int n) {
     if (n == LANES) return vload(p);
-#ifdef __AVX512F__
+#if VEC512
     return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
 #else
     float t[LANES] = {0};
@@ -105,7 +123,7 @@ static inline void vstore_n(float *p, v16 v, int n) {
         vstore(p, v);
         return;
     }
-#ifdef __AVX512F__
+#if VEC512
     _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
 #else
     float t[LANES];
@@ -116,7 +134,7 @@ static inline void vstore_n(float *p, v16 v, int n) {
 
 /* 1 / a: AVX-512's 14-bit estimate and one Newton step (about 1e-8 relative), elsewhere a division. */
 static inline v16 vrcp(v16 a) {
-#ifdef __AVX512F__
+#if VEC512
     v16 r = (v16)_mm512_rcp14_ps((__m512)a);
     return r * (splat(2.0f) - a * r);
 #else
@@ -125,7 +143,7 @@ static inline v16 vrcp(v16 a) {
 }
 
 static inline float hsum(v16 v) {
-#ifdef __AVX512F__
+#if VEC512
     return _mm512_reduce_add_ps((__m512)v);
 #else
     float t[LANES], s = 0.0f;

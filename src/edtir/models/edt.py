@@ -221,10 +221,14 @@ ATTENTION_CHUNK = 32
 
 
 def use_explicit_attention(x: torch.Tensor, head_dim: int) -> bool:
-    """CPU, float32 (no autocast), not exporting: inference and training (whose backward recomputes the
-    probabilities chunk by chunk, :class:`_WindowedAttentionGrad`)."""
+    """CPU, float32 (no autocast), not exporting: inference, and training (whose backward recomputes the
+    probabilities chunk by chunk, :class:`_WindowedAttentionGrad`, unless the C kernel takes it). Not training on
+    a CPU without AVX-512, unless the C kernels are forced there: torch's fused attention took an EDT-T training
+    step in 12.4 s against 13.4 there (2 threads; 15.7 against 19.1 on one), where the AVX-512 VM had it the other
+    way round (7.19 against 7.04 s)."""
     return (explicit_attention.on and head_dim <= EXPLICIT_MAX_HEAD_DIM and x.device.type == "cpu"
-            and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and not exporting())
+            and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and not exporting()
+            and (not torch.is_grad_enabled() or cpu_kernel.wanted() or cpu_kernel.native_avx512() is not False))
 
 
 def _chunks(nw: int, heads: int, chunk: int | None, bias_from: int, period: int | None):
