@@ -144,11 +144,11 @@ def main() -> int:
                cpu_kernel.native_avx512)
         E.EXPLICIT_MAX_HEAD_DIM = 1 << 30  # every way for every size here
 
-        def switch(name):
+        def switch(name, probe=old[-1]):
             E.explicit_attention.on = name in ("explicit", "C 8-lane")
             cpu_kernel.enabled.on = name.startswith("C")
             cpu_kernel.force.on = name == "C kernel"  # here even without AVX-512
-            cpu_kernel.native_avx512 = (lambda: False) if name == "C 8-lane" else old[-1]  # here even with it
+            cpu_kernel.native_avx512 = (lambda: False) if name == "C 8-lane" else probe  # here even with it
 
         try:
             times, outs = interleaved(model, x, {n: lambda n=n: switch(n) for n in names}, args.rounds)
