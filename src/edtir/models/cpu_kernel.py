@@ -690,8 +690,9 @@ def window_attention8(rows: torch.Tensor, heads: int, d: int, keys: torch.Tensor
     N, 3 heads d) as :func:`window_attention` takes them (q multiplied by the scale and :data:`LOG2E`), or 2-D
     with ``index`` (windows * N,) naming the row of each token of each window and ``n`` = N: the kernel gathers
     them itself, and writes each token's output to the row it came from. ``keys``: the bias as :func:`bias_keys`
-    lays it out, for the windows at positions ``bias_from`` and later within every ``period``. ``lepe``: (weight (2, 9, heads d) tap-major, bias (2, heads d), (A, B)):
-    adds LePE, the 3x3 depthwise conv of v inside each A x B window, window w taking branch w % 2's kernel.
+    lays it out, for the windows at positions ``bias_from`` and later within every ``period``. ``lepe``: (weight
+    (2, 9, heads d) tap-major, bias (2, heads d), (A, B)): adds LePE, the 3x3 depthwise conv of v inside each A x B
+    window, window w taking branch w % 2's kernel.
     -> (windows, N, heads d), or with ``index`` (windows * N, heads d) in the rows' order."""
     width = rows.shape[-1]
     if index is None:
