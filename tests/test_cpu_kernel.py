@@ -560,12 +560,13 @@ def test_attention8_rejects_what_does_not_fit():
 
 @built8
 @pytest.mark.parametrize("make", [small_t, small_b], ids=["EDT-T", "EDT-B-like"])
-def test_model_with_the_8_lane_kernel_equals_reference(make, no_avx512, monkeypatch):
-    """Without AVX-512 the fast path's attention goes to the 8-lane kernel (shifted blocks and not, two tasks) and
-    the output is the reference's."""
-    calls = []
-    real = cpu_kernel.window_attention8
+def test_model_with_the_8_lane_kernels_equals_reference(make, no_avx512, monkeypatch):
+    """Without AVX-512 the fast path's attention and depthwise conv go to the 8-lane kernels (shifted blocks and
+    not, two tasks) and the output is the reference's."""
+    calls, convs = [], []
+    real, real_conv = cpu_kernel.window_attention8, cpu_kernel.dwconv_gelu8
     monkeypatch.setattr(cpu_kernel, "window_attention8", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cpu_kernel, "dwconv_gelu8", lambda *a, **k: convs.append(1) or real_conv(*a, **k))
     model = sharpen(make(("sr-x2", "denoise-25"))).eval()
     g = torch.Generator().manual_seed(6)
     inputs = {"sr-x2": torch.rand(2, 3, 48, 72, generator=g), "denoise-25": torch.rand(1, 3, 96, 96, generator=g)}
@@ -577,7 +578,8 @@ def test_model_with_the_8_lane_kernel_equals_reference(make, no_avx512, monkeypa
                 ref = model(x, task=task)
             assert len(calls) == n  # the reference path does not use it
             assert (fast - ref).abs().max() <= TOL
-    assert len(calls) == 2 * len(model.body.layers) * 2  # every block of both passes
+    blocks = sum(len(stage.residual_group.blocks) for stage in model.body.layers)
+    assert len(calls) == len(convs) == 2 * blocks  # every block of both passes
 
 
 @built8
@@ -602,17 +604,65 @@ def test_attention8_serves_inference_without_avx512_only(no_avx512, monkeypatch)
     assert not cpu_kernel.serves8(x, 15)  # autograd on: training
 
 
+def _pi_attention(rows, index, out, *args):
+    """A stand-in for a miscompiled 8-lane attention kernel: it fills its output with pi."""
+    nw_n, hd = (args[-5] * args[-4], args[-3] * args[-2])
+    (ctypes.c_float * (nw_n * hd)).from_address(out)[:] = [math.pi] * (nw_n * hd)
+    return 0
+
+
+def _pi_dwconv(h, taps, bias, y, B, H, W, C, threads):
+    """The same for the 8-lane depthwise conv."""
+    (ctypes.c_float * (B * H * W * C)).from_address(y)[:] = [math.pi] * (B * H * W * C)
+    return 0
+
+
 @built8
-def test_a_miscompiled_8_lane_kernel_is_not_used(monkeypatch):
-    """The check on load refuses a kernel that computes something else; then PyTorch's attention serves."""
-    def wrong(rows, index, out, *args):  # fills its output with pi
-        nw_n, hd = (args[-5] * args[-4], args[-3] * args[-2])
-        (ctypes.c_float * (nw_n * hd)).from_address(out)[:] = [math.pi] * (nw_n * hd)
-        return 0
-    with pytest.raises(RuntimeError, match="8-lane attention kernel is off by"):
+@pytest.mark.parametrize("which", ["attention", "dwconv_gelu"])
+def test_a_miscompiled_8_lane_kernel_is_not_used(which, no_avx512, monkeypatch):
+    """The check on load refuses a library where either kernel computes something else; then PyTorch's ops
+    serve."""
+    good = cpu_kernel.library8()
+    wrong = good._replace(**{which: _pi_attention if which == "attention" else _pi_dwconv})
+    name = "attention" if which == "attention" else "depthwise conv"
+    with pytest.raises(RuntimeError, match=f"8-lane {name} kernel is off by"):
         cpu_kernel._check8(wrong)
     check = cpu_kernel._check8
-    check(cpu_kernel.library8())  # and the real one passes
+    check(good)  # and the real ones pass
     monkeypatch.setattr(cpu_kernel, "_state8", {"fn": None, "error": None, "path": None})
-    monkeypatch.setattr(cpu_kernel, "_check8", lambda fn: check(wrong))  # as if the build computed that
+    monkeypatch.setattr(cpu_kernel, "_check8", lambda lib: check(wrong))  # as if the build computed that
     assert cpu_kernel.library8() is None and "off by" in cpu_kernel._state8["error"]
+    with torch.no_grad():
+        assert not cpu_kernel.serves8(torch.zeros(1, 4, 4, 8), 5)  # where it would have served
+
+
+DWCONV8_CASES = [  # (B, H, W), C
+    ((1, 24, 48), 120),   # EDT-T's hidden width
+    ((1, 12, 24), 360),   # EDT-B's
+    ((2, 7, 13), 20),     # two images, rows of 13 pixels, 20 channels (a last vector of 4)
+    ((1, 1, 5), 8),       # one row, 5 pixels: every pixel near an edge
+    ((1, 70, 70), 16),    # more than one band of rows and one block of columns
+]
+
+
+@built8
+@pytest.mark.parametrize("shape,C", DWCONV8_CASES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_dwconv8_equals_reference(shape, C, threads):
+    """Against the conv and erf-GELU in float64; without the conv's neighbours (its centre taps only) the output
+    is far off, so the test can tell."""
+    h, w, b, _ = cpu_kernel._dwconv_case(torch.Generator().manual_seed(sum(shape) + C), shape, C)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out = cpu_kernel.dwconv_gelu8(h, w, b)
+    finally:
+        torch.set_num_threads(old)
+    ref = cpu_kernel.reference_dwconv_gelu(h.double(), w.double(), b.double())
+    assert out.shape == h.shape and (out - ref).abs().max() <= TOL
+    centre = torch.zeros_like(w)
+    centre[:, :, 2, 2] = w[:, :, 2, 2]
+    assert (cpu_kernel.reference_dwconv_gelu(h.double(), centre.double(), b.double()) - ref).abs().max() > 100 * TOL
+    with pytest.raises(ValueError, match="5x5 depthwise weight"):
+        cpu_kernel.dwconv_gelu8(h, w[:, :, :3, :3], b)

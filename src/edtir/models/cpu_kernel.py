@@ -24,11 +24,13 @@ AVX-512 they are neither built nor used unless asked for (``EDTIR_CPU_KERNEL=1``
 cpu_kernel.force(True)``), and then built at -O2 (GCC took 97 s over them at -O3 for AVX2). Every kernel is checked
 against the reference formulation (the training ones: their gradients too) once per process before any is used.
 
-There, a fifth kernel built on its own (``cpu_attention8.c``, -O3, under 10 s) takes the PyTorch fast path's window
-attention for fp32 inference instead (:func:`window_attention8`): the gather into windows, q kᵀ, the shift mask,
-softmax, the product with v, LePE and the scatter back, 8 queries a vector, the head dim in chunks of 8 channels so
-that what is held fits AVX2's 16 registers. On a 2-core AVX2 VM it took EDT-T x2 at 264x264 from 10.0 to 4.4 s and
-EDT-B x2 at 72x72 from 2.8 to 2.1 s (docs/performance.md). ``EDTIR_CPU_ATTENTION8=0`` keeps PyTorch's attention.
+There, two kernels built on their own at 8 floats a vector (-O3, under 10 s) take parts of the PyTorch fast path
+for fp32 inference instead. The window attention (``cpu_attention8.c``, :func:`window_attention8`): the gather into
+windows, q kᵀ, the shift mask, softmax, the product with v, LePE and the scatter back, 8 queries a vector, the head
+dim in chunks of 8 channels so that what is held fits AVX2's 16 registers. And the FFN's depthwise conv with its
+GELU (``cpu_dwconv8.c``, :func:`dwconv_gelu8`). On a 2-core AVX2 VM they took EDT-T x2 at 264x264 from about 9-10 s
+to under 4 s and EDT-B x2 at 72x72 from 2.7-3.1 s to about 2 s (docs/performance.md). ``EDTIR_CPU_ATTENTION8=0``
+keeps PyTorch's ops.
 """
 
 from __future__ import annotations
@@ -213,9 +215,9 @@ def status() -> str:
         if not attention8.on:
             eight = "its attention in PyTorch (EDTIR_CPU_ATTENTION8=0)"
         elif library8() is not None:
-            eight = f"its attention in the 8-lane kernel ({_state8['path']})"
+            eight = f"its attention and depthwise conv in the 8-lane kernels ({_state8['path']})"
         else:
-            eight = f"its attention in PyTorch (the 8-lane kernel is unavailable: {_state8['error']})"
+            eight = f"its attention in PyTorch (the 8-lane kernels are unavailable: {_state8['error']})"
         return ("not used: no AVX-512 on this CPU, where they are slower than the PyTorch fast path, which serves, "
                 f"{eight} (EDTIR_CPU_KERNEL=1 uses them)")
     if library() is not None:
@@ -626,27 +628,44 @@ def _check_dwconv(lib: Kernels, gen) -> None:
 # Window attention at 8 lanes, for inference where the kernels above are not used (cpu_attention8.c)
 # ---------------------------------------------------------------------------------------------------------------
 
-SOURCES8 = (Path(__file__).with_name("cpu_attention8.c"),)
-#: EDTIR_CPU_ATTENTION8=0 (or ``with cpu_kernel.attention8(False)``) keeps PyTorch's explicit attention there
+SOURCES8 = tuple(Path(__file__).with_name(n) for n in ("cpu_attention8.c", "cpu_dwconv8.c"))
+#: EDTIR_CPU_ATTENTION8=0 (or ``with cpu_kernel.attention8(False)``) keeps PyTorch's ops there (the name is the
+#: first kernel's; it switches both)
 attention8 = Switch("EDTIR_CPU_ATTENTION8")
 _state8: dict = {"fn": None, "error": None, "path": None}
 
 
-def _load8() -> Callable:
-    path = _build(SOURCES8, FLAGS, "cpu_attention8")
-    fn = ctypes.CDLL(str(path)).edt_window_attention8
+class Kernels8(NamedTuple):
+    """The 8-lane library's entry points."""
+    attention: Callable  # window attention with the gathers and LePE (cpu_attention8.c)
+    dwconv_gelu: Callable  # the FFN's depthwise conv + GELU (cpu_dwconv8.c)
+
+
+def _load8() -> Kernels8:
+    path = _build(SOURCES8, FLAGS, "cpu_kernels8")
+    lib = ctypes.CDLL(str(path))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    fn.restype = i32
-    fn.argtypes = [ptr] * 4 + [i32] * 3 + [ptr] * 2 + [i32] * 2 + [ctypes.c_int64] + [i32] * 4
+    attention, dwconv = lib.edt_window_attention8, lib.edt_dwconv_gelu8
+    attention.restype = dwconv.restype = i32
+    attention.argtypes = [ptr] * 4 + [i32] * 3 + [ptr] * 2 + [i32] * 2 + [ctypes.c_int64] + [i32] * 4
+    dwconv.argtypes = [ptr] * 4 + [i32] * 5
     _state8["path"] = path
-    _check8(fn)
-    return fn
+    kernels = Kernels8(attention, dwconv)
+    _check8(kernels)
+    return kernels
 
 
-def _check8(fn: Callable) -> None:
-    """The 8-lane kernel against the reference in float64 (one chunk of channels and two, 15 tokens, rows in order
-    and gathered with LePE): a compiler that miscompiles it must not change a user's output."""
+def _check8(lib: Kernels8) -> None:
+    """The 8-lane kernels against the references in float64 (the attention: one chunk of channels and two, 15
+    tokens, rows in order and gathered with LePE; the depthwise conv: 12 channels, rows of 13 pixels, two images):
+    a compiler that miscompiles them must not change a user's output."""
     gen = torch.Generator().manual_seed(0)
+    h, w, b, _ = _dwconv_case(gen, (2, 9, 13), 12)
+    with torch.no_grad():
+        err = (dwconv_gelu8(h, w, b, fn=lib.dwconv_gelu) - reference_dwconv_gelu(h.double(), w.double(), b.double())
+               ).abs().max().item()
+    if not err <= 1e-4:
+        raise RuntimeError(f"the built 8-lane depthwise conv kernel is off by {err:.3g} from the reference")
     for d, lepe in ((3, False), (11, True)):  # one chunk of channels and two; rows in order, and gathered with LePE
         rows, bias, _, plan = _train_case(gen, d=d)
         nw, n, width = rows.shape
@@ -656,15 +675,14 @@ def _check8(fn: Callable) -> None:
                         lepe=(torch.randn(2, 9, 2 * d, generator=gen), torch.randn(2, 2 * d, generator=gen), (3, 5)))
             rows = rows.view(-1, width)
         with torch.no_grad():
-            out = window_attention8(rows, 2, d, bias_keys(bias, n), **plan, **args, fn=fn)
+            out = window_attention8(rows, 2, d, bias_keys(bias, n), **plan, **args, fn=lib.attention)
         err = (out - reference_window_attention8(rows.double(), 2, d, bias, **plan, **args)).abs().max().item()
         if not err <= 1e-4:
             raise RuntimeError(f"the built 8-lane attention kernel is off by {err:.3g} from the reference")
 
 
-def library8() -> Callable | None:
-    """The 8-lane attention kernel, built (-O3, a few seconds) and checked on first call; None where it cannot
-    serve."""
+def library8() -> Kernels8 | None:
+    """The 8-lane kernels, built (-O3, under 10 s) and checked on first call; None where they cannot serve."""
     if _state8["fn"] is None and _state8["error"] is None:
         try:
             _state8["fn"] = _load8()
@@ -673,9 +691,10 @@ def library8() -> Callable | None:
     return _state8["fn"]
 
 
-def serves8(x: torch.Tensor, head_dim: int) -> bool:
+def serves8(x: torch.Tensor, head_dim: int = 0) -> bool:
     """Inference on the CPU in float32, not exporting or compiling, where the AVX-512 kernels are not wanted (the
-    caller checks for the fast path): the window attention goes to :func:`window_attention8`."""
+    caller checks for the fast path): the window attention goes to :func:`window_attention8`, the FFN's depthwise
+    conv and GELU to :func:`dwconv_gelu8`."""
     from .edt import exporting
 
     return (enabled.on and attention8.on and x.device.type == "cpu" and x.dtype == torch.float32
@@ -713,11 +732,29 @@ def window_attention8(rows: torch.Tensor, heads: int, d: int, keys: torch.Tensor
     rows = rows.contiguous()
     lw, lb = (None, None) if lepe is None else (lw.float().contiguous(), lb.float().contiguous())
     out = rows.new_empty(nw, n, heads * d) if index is None else rows.new_empty(nw * n, heads * d)
-    rc = (fn or library8())(rows.data_ptr(), _ptr(index), out.data_ptr(), _ptr(keys), _lanes(n), bias_from,
+    rc = (fn or library8().attention)(rows.data_ptr(), _ptr(index), out.data_ptr(), _ptr(keys), _lanes(n), bias_from,
                             period or nw, _ptr(lw), _ptr(lb), A, B, nw, n, heads, d, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError("edt_window_attention8 failed (out of memory?)")
     return out
+
+
+def dwconv_gelu8(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fn: Callable | None = None):
+    """GELU(depthwise 5x5 conv of h, zero padding 2) without autograd, 8 channels a vector (AVX2); h (B, H, W, C)
+    channels-last, weight (C, 1, 5, 5) and bias (C) as ``nn.Conv2d`` holds them; -> (B, H, W, C). What
+    :func:`dwconv_gelu` computes for training."""
+    B, H, W, C = h.shape
+    if tuple(weight.shape) != (C, 1, 5, 5) or tuple(bias.shape) != (C,):
+        raise ValueError(f"dwconv_gelu8: a 5x5 depthwise weight of {C} channels expected, got {tuple(weight.shape)}")
+    h = h.contiguous()
+    taps = weight.detach().float().reshape(C, 25).t().contiguous()
+    bias = bias.detach().float().contiguous()
+    y = torch.empty_like(h)
+    rc = (fn or library8().dwconv_gelu)(h.data_ptr(), taps.data_ptr(), bias.data_ptr(), y.data_ptr(), B, H, W, C,
+                                        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError("edt_dwconv_gelu8 failed")
+    return y
 
 
 def reference_window_attention8(rows, heads: int, d: int, bias=None, bias_from: int = 0, period=None, index=None,
