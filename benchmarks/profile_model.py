@@ -105,6 +105,7 @@ def part_timers(acc: dict[str, float]):
     targets = [(edt, "linear", None), (cpu_kernel, "block_attention", "norm + qkv + attention + LePE (C kernel, CPU)"),
                (cpu_kernel, "proj_ffn", "proj + FFN + residual adds (C kernel, CPU)"),
                (cpu_kernel, "window_attention8", "gathers + attention + LePE (8-lane C kernel, CPU)"),
+               (cpu_kernel, "dwconv_gelu8", "FFN depthwise conv + GELU (8-lane C kernel, CPU)"),
                (edt, "windowed_attention", "windowed attention (explicit, CPU)"),
                (edt, "permute_rows", "window gathers (index_select)"), (F, "conv2d", "convolutions (LePE, head, tail)"),
                (F, "scaled_dot_product_attention", "attention (fused SDPA)"), (F, "layer_norm", "layer norm"),
