@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/edtir demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x
+	$(PY) -m pytest -q -x --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
