@@ -9,6 +9,7 @@ ways run on any CPU here, whatever the default.
     python benchmarks/cpu_attention.py                       # T 264, S 144, B 72, B 144, L 48; 2 threads, 3 rounds
     python benchmarks/cpu_attention.py --cases T:264,B:144 --threads 1 --rounds 5
     python benchmarks/cpu_attention.py --blocks    # one block's attention alone: head dims, threads, every way
+                                                   # (a shifted block: the 8-lane kernel adds the mask)
     python benchmarks/cpu_attention.py --pads      # EDT-T 264x264, explicit: q/k padded to 8 (the default), 16, 5
 """
 
@@ -61,8 +62,10 @@ def blocks() -> None:
 
     E.tune_cpu_allocator()  # as the model's first CPU pass does: freed maps are reused, not faulted in afresh
     print("# one block's attention, median ms of 10; the C kernel's time includes the norm, the qkv product, LePE "
-          "and the gathers")
-    print(f"{'block':<18}{'threads':>8}{'head dim':>10}{'flash':>10}{'explicit':>10}{'norm+qkv':>10}{'C kernel':>10}")
+          "and the gathers; the 8-lane kernel's the gathers and LePE (not the norm and qkv, which PyTorch does "
+          "before it), at the head dims it runs unpadded")
+    print(f"{'block':<18}{'threads':>8}{'head dim':>10}{'flash':>10}{'explicit':>10}{'norm+qkv':>10}{'C kernel':>10}"
+          f"{'8-lane':>10}")
     for label, windows, side, dims in (("EDT-T 264x264", 968, 264, (5, 8, 16)), ("EDT-B 72x72", 72, 72, (15, 16))):
         for threads in (1, 2):
             torch.set_num_threads(threads)
@@ -80,8 +83,18 @@ def blocks() -> None:
                     w = cpu_kernel.attention_weights(norm, wq, bq, torch.randn(12 * d, 9), torch.zeros(12 * d))
                     kernel = median_ms(lambda: cpu_kernel.block_attention(  # noqa: B023
                         x, w, (6, 24), (3, 12), 6, d))  # noqa: B023
-                print(f"{label:<18}{threads:>8}{d:>10}{flash:>10.1f}{explicit:>10.1f}{qkv:>10.1f}{kernel:>10.1f}",
-                      flush=True)
+                eight = float("nan")
+                if cpu_kernel.library8() and d in (5, 15):  # EDT's own head dims: the kernel takes them unpadded
+                    lay = E.WindowLayout(side, side, (6, 24), (3, 12), "cpu")
+                    gather, _ = lay.indices(1, True)
+                    rows = torch.randn(side * side * 2, 3 * 6 * d)
+                    lepe = (torch.randn(2, 9, 6 * d), torch.randn(2, 6 * d), (6, 24))
+                    with torch.no_grad():
+                        eight = median_ms(lambda: cpu_kernel.window_attention8(  # noqa: B023
+                            rows, 6, d, lay.key_major_bias(), lay.bias_from, lay.windows,  # noqa: B023
+                            index=gather, n=144, lepe=lepe))  # noqa: B023
+                print(f"{label:<18}{threads:>8}{d:>10}{flash:>10.1f}{explicit:>10.1f}{qkv:>10.1f}{kernel:>10.1f}"
+                      f"{eight:>10.1f}", flush=True)
 
 
 def pads(args) -> None:

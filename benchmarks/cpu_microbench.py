@@ -7,7 +7,8 @@
   widths   fp32 linear layers at EDT-B's widths (5184 tokens): 540 vs 544/576 and 180 vs 184 outputs, MKL vs oneDNN
   products the explicit attention's pieces for one chunk (5 windows x 6 heads, 144 tokens), 2 threads:
            q kᵀ, softmax and softmax · v at head dims 5, 8 and 16 (why EDT-T pads q and k to 8 and v to 16)
-  convgelu the FFN's depthwise 5x5 conv then GELU, against oneDNN's conv with the GELU fused (EDT-B, 72x72, 2 threads)
+  convgelu the FFN's depthwise 5x5 conv then GELU, against oneDNN's conv with the GELU fused and the 8-lane C kernel
+           (EDT-B 72x72, EDT-T 264x264, 2 threads)
   faults   page faults and system time per EDT-B x2 72x72 pass, with and without the allocator tuning (fresh
            processes, one thread)
 
@@ -85,17 +86,27 @@ def products():
 
 
 def convgelu():
-    print("FFN depthwise 5x5 conv + GELU, EDT-B (360 channels, 72x72, channels-last), 2 threads, ms:")
+    """The FFN's depthwise conv + GELU three ways: PyTorch's conv then GELU, oneDNN's conv with the GELU fused (what
+    the fast path runs with AVX-512 kernels off), and the 8-lane C kernel (what it runs without AVX-512)."""
+    from edtir.models import cpu_kernel
+
+    print("FFN depthwise 5x5 conv + GELU (channels-last), 2 threads, ms:")
     torch.set_num_threads(2)
-    x = torch.randn(1, 72, 72, 360).permute(0, 3, 1, 2)
-    w, b = torch.randn(360, 1, 5, 5), torch.randn(360)
-    two = best(lambda: F.gelu(F.conv2d(x, w, b, padding=2, groups=360)), clock=time.perf_counter, runs=30)
-    line = f"  conv, then GELU {two:6.2f}"
     op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
-    if op is not None:
-        one = best(op, x, w, b, [2, 2], [1, 1], [1, 1], 360, "gelu", [], "none", clock=time.perf_counter, runs=30)
-        line += f"   fused {one:6.2f}"
-    print(line)
+    for label, side, C in (("EDT-B 72x72", 72, 360), ("EDT-T 264x264", 264, 120)):
+        h = torch.randn(1, side, side, C)
+        x = h.permute(0, 3, 1, 2)
+        w, b = torch.randn(C, 1, 5, 5), torch.randn(C)
+        two = best(lambda: F.gelu(F.conv2d(x, w, b, padding=2, groups=C)), clock=time.perf_counter, runs=30)  # noqa: B023
+        line = f"  {label:<14} {C} channels: conv, then GELU {two:6.2f}"
+        if op is not None:
+            one = best(op, x, w, b, [2, 2], [1, 1], [1, 1], C, "gelu", [], "none", clock=time.perf_counter, runs=30)
+            line += f"   fused {one:6.2f}"
+        if cpu_kernel.library8() is not None:
+            with torch.no_grad():
+                eight = best(cpu_kernel.dwconv_gelu8, h, w, b, clock=time.perf_counter, runs=30)
+            line += f"   8-lane C kernel {eight:6.2f}"
+        print(line)
     torch.set_num_threads(1)
 
 

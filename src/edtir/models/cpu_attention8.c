@@ -1,11 +1,12 @@
 /* Window attention for fp32 inference on CPUs without AVX-512 (AVX2 and FMA: 16 registers of 8 floats):
    softmax(q kT + bias) v per (window, head), 8 queries a vector.
 
-   Built on its own by edtir/models/cpu_kernel.py (-O3 -march=native -fopenmp, a few seconds) where the AVX-512
-   kernels are not used, and called through ctypes from the PyTorch fast path (edt.EDTBlock.attention_fast), which
-   does the norm, the qkv product, the gathers, LePE and the products after it. The eager explicit attention there
+   Built with cpu_dwconv8.c into the 8-lane library by edtir/models/cpu_kernel.py (-O3 -march=native -fopenmp)
+   where the AVX-512 kernels are not used, and called through ctypes from the PyTorch fast path
+   (edt.EDTBlock.attention_fast), which does the norm and the qkv product before it and proj after it; the gathers
+   into windows and back, the shift mask and LePE happen here. The eager explicit attention there
    formed each chunk's 144 x 144 logits with batched products over EDT's head dim (5 or 15, padded to 8 or 16), ran
-   softmax over them in memory and multiplied by v: a third of an EDT-B pass on a 2-core AVX2 VM. Here, as in the
+   softmax over them in memory and multiplied by v: 28 % of an EDT-B pass on a 2-core AVX2 VM. Here, as in the
    AVX-512 kernels, the lanes of a vector run over queries, so the maximum, the exponentials and the sums need no
    horizontal reduction, and the logits of 8 queries against the window's keys stay in L1 (144 vectors, 4.5 KiB).
    q, k and v are not padded (the qkv product before comes out a third as wide for EDT-T).
@@ -13,8 +14,9 @@
    The AVX-512 kernels keep a query block's q and its output (up to 2 x 16 vectors) in registers; AVX2 has 16.
    So here the head dim goes in chunks of at most 8 channels: the logits take one pass over the keys per chunk
    (accumulating in L1), the product with v one pass per chunk too, and the exponentials are taken in the first of
-   those. Each head's k and v are copied first into (N, d) arrays, 17 KiB for EDT-B, so that the 18 query blocks
-   of a 144-token window read them from L1 and not from the 3 heads d-wide rows.
+   those (two keys at a time: the exponential is a chain of a dozen operations). A task is one window: its rows are
+   read once, in order, each head's q transposed and its k and v copied into (N, d) arrays (17 KiB a head for
+   EDT-B), so that the 18 query blocks of a 144-token window read them from L1 and not from the 3 heads d-wide rows.
 
    Layouts (float32, C-contiguous), as edt_window_attention_fwd (cpu_attention_train.c) takes them:
      src: (nw, N, 3 hd)     per window and token [q | k | v], each [head][d] (hd = heads d); q multiplied by the

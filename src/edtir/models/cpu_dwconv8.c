@@ -3,8 +3,8 @@
 
    Built with cpu_attention8.c into the 8-lane library (edtir/models/cpu_kernel.py) and called from the PyTorch
    fast path (edt.AntiBlockingFFN) where the AVX-512 kernels are not used. oneDNN's depthwise convolution with the
-   GELU fused ran at about 22 GFLOP/s on a 2-core AVX2 VM (19 ms for EDT-T's 264x264 map of 120 channels, 13 % of
-   the pass). Here each output row is done in strips of 4 pixels: for each vector of 8 channels the strip's 4 sums
+   GELU fused ran at about 20 GFLOP/s on a 2-core AVX2 VM (21 ms for EDT-T's 264x264 map of 120 channels; this
+   kernel 11.75 ms, benchmarks/cpu_microbench.py --only convgelu). Here each output row is done in strips of 4 pixels: for each vector of 8 channels the strip's 4 sums
    and one kernel row's 5 weights are held in registers (10 of AVX2's 16 with the input vector), each input vector
    is loaded once per kernel row and used for up to 4 products, and the GELU is applied before the strip is
    stored. The loops are unrolled by hand: GCC kept a generic version's sums on the stack.

@@ -28,8 +28,8 @@ There, two kernels built on their own at 8 floats a vector (-O3, under 10 s) tak
 for fp32 inference instead. The window attention (``cpu_attention8.c``, :func:`window_attention8`): the gather into
 windows, q kᵀ, the shift mask, softmax, the product with v, LePE and the scatter back, 8 queries a vector, the head
 dim in chunks of 8 channels so that what is held fits AVX2's 16 registers. And the FFN's depthwise conv with its
-GELU (``cpu_dwconv8.c``, :func:`dwconv_gelu8`). On a 2-core AVX2 VM they took EDT-T x2 at 264x264 from about 9-10 s
-to under 4 s and EDT-B x2 at 72x72 from 2.7-3.1 s to about 2 s (docs/performance.md). ``EDTIR_CPU_ATTENTION8=0``
+GELU (``cpu_dwconv8.c``, :func:`dwconv_gelu8`). On a 2-core AVX2 VM they took EDT-T x2 at 264x264 from about 10.4 s
+to 4.2-4.6 s and EDT-B x2 at 72x72 from 2.6-3.1 s to 1.8-2.1 s (docs/performance.md). ``EDTIR_CPU_ATTENTION8=0``
 keeps PyTorch's ops.
 """
 

@@ -672,7 +672,7 @@ class AntiBlockingFFN(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C), plus ``residual`` if given."""
         x = linear(self.fc1, x, gelu=True)
         if _path[0] == "fast" and not watched(self.dwconv) and cpu_kernel.serves8(x):
-            # inference on a CPU without AVX-512: the conv and its GELU in C, 8 channels a vector (1.6-1.9x oneDNN's)
+            # inference on a CPU without AVX-512: the conv and its GELU in C, 8 channels a vector (1.3-1.8x oneDNN's)
             return linear(self.fc2, cpu_kernel.dwconv_gelu8(x, self.dwconv.weight, self.dwconv.bias),
                           residual=residual)
         if (_path[0] == "fast" and torch.is_grad_enabled() and cpu_kernel.serves_training(x)
