@@ -48,8 +48,8 @@ def both_paths(model, x, task=None):
 @pytest.fixture(params=["C kernel", "C 8-lane", "PyTorch"])
 def cpu_path(request, monkeypatch):
     """CPU inference three ways: through the C kernels of a block (where they build), through PyTorch's ops with
-    the 8-lane attention kernel (what a CPU without AVX-512 runs, whatever this one has) and through PyTorch's ops
-    alone."""
+    the 8-lane attention and depthwise kernels (what a CPU without AVX-512 runs, whatever this one has) and through
+    PyTorch's ops alone."""
     if request.param == "C 8-lane":
         monkeypatch.setattr(cpu_kernel, "native_avx512", lambda: False)
     on, forced = request.param != "PyTorch", request.param == "C kernel"
