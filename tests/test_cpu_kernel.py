@@ -86,9 +86,16 @@ def test_model_with_the_kernel_equals_reference(make, monkeypatch):
     calls = []
     real = cpu_kernel.block_attention
     monkeypatch.setattr(cpu_kernel, "block_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast_equals_reference(make, calls, seed=2, batch=1)
+    assert calls  # the fast path used it
+
+
+def fast_equals_reference(make, calls: list, seed: int, batch: int):
+    """A sharpened model of ``make`` for sr-x2 and denoise-25: each task's fast output equals the reference path's,
+    and the reference path adds nothing to ``calls`` (the watched kernel's); returns the model."""
     model = sharpen(make(("sr-x2", "denoise-25"))).eval()
-    g = torch.Generator().manual_seed(2)
-    inputs = {"sr-x2": torch.rand(1, 3, 48, 72, generator=g), "denoise-25": torch.rand(1, 3, 96, 96, generator=g)}
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"sr-x2": torch.rand(batch, 3, 48, 72, generator=g), "denoise-25": torch.rand(1, 3, 96, 96, generator=g)}
     with torch.inference_mode():
         for task, x in inputs.items():
             fast = model(x, task=task)
@@ -97,7 +104,7 @@ def test_model_with_the_kernel_equals_reference(make, monkeypatch):
                 ref = model(x, task=task)
             assert len(calls) == n  # the reference path does not use it
             assert (fast - ref).abs().max() <= TOL
-    assert calls  # the fast path used it
+    return model
 
 
 @built
@@ -572,17 +579,7 @@ def test_model_with_the_8_lane_kernels_equals_reference(make, no_avx512, monkeyp
     real, real_conv = cpu_kernel.window_attention8, cpu_kernel.dwconv_gelu8
     monkeypatch.setattr(cpu_kernel, "window_attention8", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(cpu_kernel, "dwconv_gelu8", lambda *a, **k: convs.append(1) or real_conv(*a, **k))
-    model = sharpen(make(("sr-x2", "denoise-25"))).eval()
-    g = torch.Generator().manual_seed(6)
-    inputs = {"sr-x2": torch.rand(2, 3, 48, 72, generator=g), "denoise-25": torch.rand(1, 3, 96, 96, generator=g)}
-    with torch.inference_mode():
-        for task, x in inputs.items():
-            fast = model(x, task=task)
-            n = len(calls)
-            with reference_mode():
-                ref = model(x, task=task)
-            assert len(calls) == n  # the reference path does not use it
-            assert (fast - ref).abs().max() <= TOL
+    model = fast_equals_reference(make, calls, seed=6, batch=2)
     blocks = sum(len(stage.residual_group.blocks) for stage in model.body.layers)
     assert len(calls) == len(convs) == 2 * blocks  # every block of both passes
 
@@ -634,7 +631,7 @@ def test_a_miscompiled_8_lane_kernel_is_not_used(which, no_avx512, monkeypatch):
         cpu_kernel._check8(wrong)
     check = cpu_kernel._check8
     check(good)  # and the real ones pass
-    monkeypatch.setattr(cpu_kernel, "_state8", {"fn": None, "error": None, "path": None})
+    monkeypatch.setattr(cpu_kernel, "_state8", {"lib": None, "error": None, "path": None})
     monkeypatch.setattr(cpu_kernel, "_check8", lambda lib: check(wrong))  # as if the build computed that
     assert cpu_kernel.library8() is None and "off by" in cpu_kernel._state8["error"]
     with torch.no_grad():

@@ -453,17 +453,20 @@ def _ffn_case(gen, shape, C, hidden):
 # Window attention with autograd, for training (cpu_attention_train.c)
 # ---------------------------------------------------------------------------------------------------------------
 
+def _base2_padded(b: torch.Tensor, n: int) -> torch.Tensor:
+    """(rows, N, N) bias in e-units -> base-2 units, the last axis padded with zeros to whole vectors of 16."""
+    return F.pad(b.float() * LOG2E, (0, _lanes(n) - n)).contiguous()
+
+
 def bias_keys(bias: torch.Tensor, n: int) -> torch.Tensor:
     """A (rows, [1,] N, N) bias in e-units as the kernels' forward reads it: in base-2 units, key-major (the queries
     along the last axis), that axis padded with zeros to whole vectors of 16."""
-    b = bias.detach().reshape(-1, n, n).float() * LOG2E
-    return F.pad(b.transpose(1, 2), (0, _lanes(n) - n)).contiguous()
+    return _base2_padded(bias.detach().reshape(-1, n, n).transpose(1, 2), n)
 
 
 def _bias_pair(bias: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`bias_keys`, and the same query-major (for the backward)."""
-    b = bias.detach().reshape(-1, n, n).float() * LOG2E
-    return bias_keys(bias, n), F.pad(b, (0, _lanes(n) - n)).contiguous()
+    return bias_keys(bias, n), _base2_padded(bias.detach().reshape(-1, n, n), n)
 
 
 class _WindowAttention(torch.autograd.Function):
@@ -632,7 +635,7 @@ SOURCES8 = tuple(Path(__file__).with_name(n) for n in ("cpu_attention8.c", "cpu_
 #: EDTIR_CPU_ATTENTION8=0 (or ``with cpu_kernel.attention8(False)``) keeps PyTorch's ops there (the name is the
 #: first kernel's; it switches both)
 attention8 = Switch("EDTIR_CPU_ATTENTION8")
-_state8: dict = {"fn": None, "error": None, "path": None}
+_state8: dict = {"lib": None, "error": None, "path": None}
 
 
 class Kernels8(NamedTuple):
@@ -683,12 +686,12 @@ def _check8(lib: Kernels8) -> None:
 
 def library8() -> Kernels8 | None:
     """The 8-lane kernels, built (-O3, under 10 s) and checked on first call; None where they cannot serve."""
-    if _state8["fn"] is None and _state8["error"] is None:
+    if _state8["lib"] is None and _state8["error"] is None:
         try:
-            _state8["fn"] = _load8()
+            _state8["lib"] = _load8()
         except Exception as e:  # no compiler, a failed build, a wrong result: PyTorch's attention serves
             _state8["error"] = f"{type(e).__name__}: {e}"
-    return _state8["fn"]
+    return _state8["lib"]
 
 
 def serves8(x: torch.Tensor, head_dim: int = 0) -> bool:

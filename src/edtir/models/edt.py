@@ -797,9 +797,12 @@ class EDTBlock(nn.Module):
         qkv = linear(self.qkv, x, weight=w, bias=b)  # (B, H, W, [branch, q/k/v, head, padded dim])
         gather, scatter = layout.indices(B, self.shifted)
         width = heads * (2 * pk + pv)  # per token and branch
-        if lanes8:  # the gathers, the attention and LePE in one call, with LePE's kernels as below
-            lepe = (torch.cat([a.lepe.weight, self.attns[1].lepe.weight.transpose(-1, -2)]).view(2, half, 9)
-                    .transpose(1, 2), torch.cat([a.lepe.bias, self.attns[1].lepe.bias]).view(2, half), (wh, ww))
+        # LePE's kernels of both branches, each in its own window's frame (the vertical branch's windows are
+        # transposed, so its kernel is too): (C, 1, 3, 3) and (C,)
+        w_l = torch.cat([a.lepe.weight, self.attns[1].lepe.weight.transpose(-1, -2)])
+        b_l = torch.cat([a.lepe.bias, self.attns[1].lepe.bias])
+        if lanes8:  # the gathers, the attention and LePE in one call
+            lepe = (w_l.view(2, half, 9).transpose(1, 2), b_l.view(2, half), (wh, ww))
             out = cpu_kernel.window_attention8(qkv.reshape(-1, width), heads, d,
                                                layout.key_major_bias() if self.shifted else None, layout.bias_from,
                                                layout.windows, index=gather, n=n, lepe=lepe)
@@ -817,12 +820,9 @@ class EDTBlock(nn.Module):
         else:
             mask = layout.bias(B, q.dtype) if self.shifted else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.scale)
-        # LePE of both branches as one grouped conv over windows seen as wh x ww images (the vertical branch's
-        # windows are transposed, so its kernel is too)
+        # LePE of both branches as one grouped conv over windows seen as wh x ww images
         bw = q.shape[0] // 2
         img = v[..., :d].reshape(bw, 2, heads, n, d).permute(0, 1, 2, 4, 3).reshape(bw, C, wh, ww)
-        w_l = torch.cat([a.lepe.weight, self.attns[1].lepe.weight.transpose(-1, -2)])
-        b_l = torch.cat([a.lepe.bias, self.attns[1].lepe.bias])
         lepe = F.conv2d(img, w_l, b_l, padding=1, groups=C).view(2 * bw, heads, d, n).permute(0, 3, 1, 2)
         out = out[..., :d].transpose(1, 2)  # (B*nW*2, N, heads, d)
         if out.requires_grad or lepe.requires_grad or exporting() or torch.compiler.is_compiling():
