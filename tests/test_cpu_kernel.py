@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from test_fast_paths import TOL, sharpen, small_b, small_t
 
-from edtir.models import cpu_kernel
+from edtir.models import cpu_kernel, edt
 from edtir.models.edt import reference_mode
 
 built = pytest.mark.skipif(cpu_kernel.library() is None, reason=f"the C kernel: {cpu_kernel.status()}")
@@ -124,14 +124,17 @@ def test_kernel_serves_inference_only():
 @built
 def test_without_avx512_the_kernels_serve_only_when_forced(monkeypatch):
     """Built without AVX-512 (AVX2), the kernels ran slower than the PyTorch path (docs/performance.md): there
-    they are neither built nor used unless asked for, and a forced build is -O2 (GCC's -O3 took minutes over
-    them); with AVX-512 they serve by default, built at -O3."""
+    they are neither built nor used unless asked for (training takes the 8-lane library's build of the training
+    kernels), and a forced build is -O2 (GCC's -O3 took minutes over them); with AVX-512 they serve by default,
+    built at -O3."""
     x = torch.zeros(1, 4, 4, 8)
     cpu_kernel.library()  # built (forced here) before the CPU is faked
     for avx512 in (False, True):
         monkeypatch.setattr(cpu_kernel, "native_avx512", lambda a=avx512: a)
         with torch.no_grad(), cpu_kernel.force(False):
-            assert cpu_kernel.serves(x, 15) == avx512 and cpu_kernel.serves_training(x, 15) == avx512
+            assert cpu_kernel.serves(x, 15) == avx512
+            # training: these kernels' own build, or the same sources' 8-lane build
+            assert cpu_kernel.training_library() is (cpu_kernel.library() if avx512 else cpu_kernel.library8())
             assert cpu_kernel.status().startswith("on" if avx512 else "not used: no AVX-512 on this CPU")
         with torch.no_grad(), cpu_kernel.force(True):
             assert cpu_kernel.serves(x, 15) and cpu_kernel.status().startswith("on")
@@ -157,11 +160,11 @@ def test_the_avx512_probe_agrees_with_the_cpu():
 
 @built
 def test_library_is_built_once_per_source_and_machine(tmp_path, monkeypatch):
-    """(The 8-lane library, the quicker to build: the same code builds both.)"""
+    """(The 8-lane library: the same code builds both.)"""
     monkeypatch.setenv("EDTIR_CACHE_DIR", str(tmp_path))
-    first = cpu_kernel._build(cpu_kernel.SOURCES8, cpu_kernel.FLAGS, "cpu_kernels8")
+    first = cpu_kernel._build(cpu_kernel.SOURCES8, cpu_kernel.FLAGS8, "cpu_kernels8")
     stamp = first.stat().st_mtime_ns
-    assert cpu_kernel._build(cpu_kernel.SOURCES8, cpu_kernel.FLAGS, "cpu_kernels8") == first  # reused, not rebuilt
+    assert cpu_kernel._build(cpu_kernel.SOURCES8, cpu_kernel.FLAGS8, "cpu_kernels8") == first  # reused, not rebuilt
     assert first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
 
@@ -335,12 +338,26 @@ TRAIN_CASES = [  # windows, tokens, heads, head dim, period, bias_from (None: no
 ]
 
 
-@built
+def training_build(which: str):
+    """The library whose training kernels a test takes: the AVX-512 sources' own build, or the 8-lane library (the
+    same sources at 8 floats a vector, ``-DLANES=8``); skipped where it does not build."""
+    lib = cpu_kernel.library() if which == "16 lanes" else cpu_kernel.library8()
+    if lib is None:
+        pytest.skip(f"the {which} build: {cpu_kernel.status()}")
+    return lib
+
+
+BUILDS = ["16 lanes", "8 lanes"]
+
+
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}x{c[3]}-bias{c[5]}")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_training_attention_equals_reference(case, threads):
+@pytest.mark.parametrize("build", BUILDS)
+def test_training_attention_equals_reference(case, threads, build):
     """The training kernel's output and the gradient of its rows against autograd through the plain formula in
-    float64 (:func:`cpu_kernel.reference_window_attention_rows`)."""
+    float64 (:func:`cpu_kernel.reference_window_attention_rows`), in both builds: 24 tokens are 3 vectors of 8
+    queries but 2 of 16, the stride of lse and of the bias rows."""
+    lib = training_build(build)
     nw, n, heads, d, period, bias_from = case
     rows, bias, grad, plan = cpu_kernel._train_case(torch.Generator().manual_seed(nw + d), nw, n, heads, d, period,
                                                    bias_from or 0)
@@ -348,13 +365,49 @@ def test_training_attention_equals_reference(case, threads):
         bias = None
     with torch_threads(threads):
         out, ref, [(got, want)] = cpu_kernel.against_reference(
-            lambda x: cpu_kernel.window_attention(x, heads, d, bias, **plan),
+            lambda x: cpu_kernel.window_attention(x, heads, d, bias, **plan, lib=lib),
             lambda x: cpu_kernel.reference_window_attention_rows(x, heads, d, bias, **plan), [rows], grad)
     assert out.shape == (nw, n, heads * d)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     if bias is not None:  # the bias did count
         assert (ref - cpu_kernel.reference_window_attention_rows(rows.double(), heads, d)).abs().max() > 0.1
+
+
+GATHERED_CASES = [  # windows, (A, B), heads, head dim, period, bias_from (None: no bias)
+    (8, (6, 24), 6, 5, 4, 2),    # EDT-T's heads and windows, a bias on the last two of each image's four
+    (4, (3, 5), 2, 16, 2, None),  # 15 tokens, head dim 16, no bias
+]
+
+
+@pytest.mark.parametrize("case", GATHERED_CASES, ids=lambda c: f"{c[0]}x{c[1][0]}x{c[1][1]}-{c[2]}x{c[3]}")
+@pytest.mark.parametrize("build", BUILDS)
+def test_training_attention_gathers_and_lepe_equal_reference(case, build):
+    """Training as the fast path calls the kernel: rows gathered into windows by an index, LePE added, each
+    token's output at its own row; the gradients of the rows and of LePE's weight and bias against autograd through
+    the plain formula in float64 (:func:`cpu_kernel.reference_window_attention8`). LePE must change the output
+    and its weight must get a gradient, so the test can tell."""
+    lib = training_build(build)
+    nw, (A, B), heads, d, period, bias_from = case
+    n, hd = A * B, heads * d
+    gen = torch.Generator().manual_seed(nw + d)
+    rows, bias, _, plan = cpu_kernel._train_case(gen, nw, n, heads, d, period, bias_from or 0)
+    bias = None if bias_from is None else bias
+    kw = dict(index=torch.randperm(nw * n, generator=gen), n=n, **plan)
+    lepe = [torch.randn(2, 9, hd, generator=gen) * 0.5, torch.randn(2, hd, generator=gen)]
+    grad = torch.randn(nw * n, hd, generator=gen)
+    with torch_threads(2):
+        out, ref, grads = cpu_kernel.against_reference(
+            lambda x, w, b: cpu_kernel.window_attention(x, heads, d, bias, **kw, lepe=(w, b, (A, B)), lib=lib),
+            lambda x, w, b: cpu_kernel.reference_window_attention8(x, heads, d, bias, **kw, lepe=(w, b, (A, B))),
+            [rows.view(nw * n, -1), *lepe], grad)
+    assert out.shape == (nw * n, hd) and (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for name, (got, want) in zip(("rows", "LePE weight", "LePE bias"), grads, strict=True):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
+    plain = cpu_kernel.reference_window_attention8(rows.view(nw * n, -1).double(), heads, d, bias, **kw)
+    assert (plain - ref).abs().max() > 0.1 and grads[1][1].abs().max() > 0.1
+    with pytest.raises(ValueError, match="LePE weights"):
+        cpu_kernel.window_attention(rows.view(nw * n, -1), heads, d, **kw, lepe=(lepe[0][:, :4], lepe[1], (A, B)))
 
 
 @contextlib.contextmanager
@@ -367,13 +420,19 @@ def torch_threads(n):
         torch.set_num_threads(old)
 
 
-@built
-def test_training_uses_the_kernel_and_its_gradients_equal_the_pytorch_path(monkeypatch):
-    """A training step of a small EDT-T with the kernel (q, k and v unpadded) and without it (the explicit
-    attention, padded to 16): the same loss and gradients for every parameter."""
+@pytest.mark.parametrize("build", BUILDS)
+def test_training_uses_the_kernel_and_its_gradients_equal_the_pytorch_path(build, monkeypatch):
+    """A training step of a small EDT-T with the kernels (q, k and v unpadded) and without them (PyTorch's
+    attention): the same loss and gradients for every parameter. Without AVX-512 (faked for "8 lanes") the 8-lane
+    build's kernels serve."""
+    want = training_build(build)
+    if build == "8 lanes":
+        monkeypatch.setattr(cpu_kernel, "native_avx512", lambda: False)
+        monkeypatch.setattr(cpu_kernel.force, "on", False)  # the autouse fixture's force(True), undone
     calls = []
     real = cpu_kernel.window_attention
-    monkeypatch.setattr(cpu_kernel, "window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cpu_kernel, "window_attention",
+                        lambda *a, **k: calls.append(cpu_kernel.training_library()) or real(*a, **k))
     model = sharpen(small_t(("sr-x2",))).train()
     x = torch.rand(2, 3, 24, 48, generator=torch.Generator().manual_seed(5))
     grads = {}
@@ -384,37 +443,41 @@ def test_training_uses_the_kernel_and_its_gradients_equal_the_pytorch_path(monke
             loss.backward()
         grads[on] = {n: p.grad.clone() for n, p in model.named_parameters()}
         if on:
-            assert calls  # every block's attention went through the kernel
+            assert calls and all(lib is want for lib in calls)  # every block's attention went through the kernel
             n_calls = len(calls)
     assert len(calls) == n_calls  # and not with it off
     for name, g in grads[False].items():
         assert (grads[True][name] - g).abs().max() <= TOL * g.abs().max().clamp_min(1e-3), name
 
 
+def _zero_gradient(*args):
+    """A stand-in for a miscompiled training attention backward: it leaves the rows' gradient (argument 13) at
+    zero."""
+    nw, n, heads, d = args[15:19]
+    (ctypes.c_float * (nw * n * 3 * heads * d)).from_address(args[12])[:] = [0.0] * (nw * n * 3 * heads * d)
+    return 0
+
+
 @built
 def test_a_miscompiled_training_kernel_is_not_used():
     good = cpu_kernel.library()
-
-    def zero_gradient(*args):  # the backward leaves its output (d_rows, argument 9) at zero
-        nw, n, heads, d = args[9], args[10], args[11], args[12]
-        (ctypes.c_float * (nw * n * 3 * heads * d)).from_address(args[8])[:] = [0.0] * (nw * n * 3 * heads * d)
-        return 0
-
     with pytest.raises(RuntimeError, match="training attention kernel is off by"):
-        cpu_kernel._check(good._replace(train_backward=zero_gradient))
+        cpu_kernel._check(good._replace(train_backward=_zero_gradient))
     cpu_kernel._check(good)
 
 
-@built
 @pytest.mark.parametrize("shape,C", [((2, 12, 16), 120), ((1, 1, 5), 16), ((1, 3, 2), 8), ((3, 7, 9), 33)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_depthwise_training_kernel_equals_reference(shape, C, threads):
+@pytest.mark.parametrize("build", BUILDS)
+def test_depthwise_training_kernel_equals_reference(shape, C, threads, build):
     """GELU(5x5 depthwise conv) and its gradients (input, weight, bias) against autograd through PyTorch's conv in
-    float64: EDT-T's hidden width, single rows and maps smaller than the kernel, widths not multiples of 16."""
+    float64, in both builds: EDT-T's hidden width, single rows and maps smaller than the kernel, widths not
+    multiples of 16 (or of 8)."""
+    lib = training_build(build)
     h, w, b, g = cpu_kernel._dwconv_case(torch.Generator().manual_seed(C), shape, C)
     with torch_threads(threads):
-        out, ref, grads = cpu_kernel.against_reference(cpu_kernel.dwconv_gelu, cpu_kernel.reference_dwconv_gelu,
-                                                       [h, w, b], g)
+        out, ref, grads = cpu_kernel.against_reference(lambda *t: cpu_kernel.dwconv_gelu(*t, lib=lib),
+                                                       cpu_kernel.reference_dwconv_gelu, [h, w, b], g)
     assert out.shape == h.shape and (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     for name, (got, want) in zip(("input", "weight", "bias"), grads, strict=True):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
@@ -606,6 +669,22 @@ def test_attention8_serves_inference_without_avx512_only(no_avx512, monkeypatch)
     assert not cpu_kernel.serves8(x, 15)  # autograd on: training
 
 
+@built8
+def test_without_avx512_training_takes_the_8_lane_build(no_avx512):
+    """Training on a CPU without AVX-512: the training kernels of the 8-lane library, and the explicit attention
+    around them; with EDTIR_CPU_ATTENTION8=0 (or the kernels off) neither, and torch's fused attention."""
+    x = torch.zeros(1, 4, 4, 8)
+    assert cpu_kernel.training_library() is cpu_kernel.library8()
+    assert cpu_kernel.serves_training(x, 15) and edt.use_explicit_attention(x, 15)
+    assert not cpu_kernel.serves_training(x, 17)
+    for switch in (cpu_kernel.attention8, cpu_kernel.enabled):
+        with switch(False):
+            assert cpu_kernel.training_library() is None
+            assert not cpu_kernel.serves_training(x, 15) and not edt.use_explicit_attention(x, 15)
+    with cpu_kernel.force(True):  # the AVX-512 sources forced: their own build
+        assert cpu_kernel.training_library() is cpu_kernel.library()
+
+
 def _pi_attention(rows, index, out, *args):
     """A stand-in for a miscompiled 8-lane attention kernel: it fills its output with pi."""
     nw_n, hd = (args[-5] * args[-4], args[-3] * args[-2])
@@ -619,15 +698,21 @@ def _pi_dwconv(h, taps, bias, y, B, H, W, C, threads):
     return 0
 
 
+#: a stand-in for each 8-lane entry point, and what the check on load says of it
+WRONG8 = {"attention": (_pi_attention, "8-lane attention kernel is off by"),
+          "dwconv_gelu": (_pi_dwconv, "8-lane depthwise conv kernel is off by"),
+          "train_backward": (_zero_gradient, "training attention kernel is off by")}
+
+
 @built8
-@pytest.mark.parametrize("which", ["attention", "dwconv_gelu"])
+@pytest.mark.parametrize("which", WRONG8)
 def test_a_miscompiled_8_lane_kernel_is_not_used(which, no_avx512, monkeypatch):
-    """The check on load refuses a library where either kernel computes something else; then PyTorch's ops
-    serve."""
+    """The check on load refuses a library where a kernel (inference or training) computes something else; then
+    PyTorch's ops serve, for inference and for training."""
     good = cpu_kernel.library8()
-    wrong = good._replace(**{which: _pi_attention if which == "attention" else _pi_dwconv})
-    name = "attention" if which == "attention" else "depthwise conv"
-    with pytest.raises(RuntimeError, match=f"8-lane {name} kernel is off by"):
+    stand_in, message = WRONG8[which]
+    wrong = good._replace(**{which: stand_in})
+    with pytest.raises(RuntimeError, match=message):
         cpu_kernel._check8(wrong)
     check = cpu_kernel._check8
     check(good)  # and the real ones pass
@@ -636,6 +721,7 @@ def test_a_miscompiled_8_lane_kernel_is_not_used(which, no_avx512, monkeypatch):
     assert cpu_kernel.library8() is None and "off by" in cpu_kernel._state8["error"]
     with torch.no_grad():
         assert not cpu_kernel.serves8(torch.zeros(1, 4, 4, 8), 5)  # where it would have served
+    assert not cpu_kernel.serves_training(torch.zeros(1, 4, 4, 8), 5)
 
 
 DWCONV8_CASES = [  # (B, H, W), C

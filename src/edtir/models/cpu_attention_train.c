@@ -1,37 +1,60 @@
-/* Window attention for fp32 training on the CPU: the forward and its backward, one (window, head) at a time.
+/* Window attention for fp32 training on the CPU, with the gathers into windows and LePE: the forward and its
+   backward, one window at a time.
 
-   Built into the same library as cpu_attention.c and cpu_ffn.c (edtir/models/cpu_kernel.py) and called by an
-   autograd function there. The eager path formed each chunk's 144 x 144 logits with batched products whose inner
-   dimension is EDT's head dim (5 for EDT-T, 15 for EDT-B, padded to 16 for the products), ran softmax over them
-   in memory and, in the backward, recomputed them and formed four more such products: about 40 % of an EDT-T
-   training step on 2 cores went there. Here the logits never leave registers and L1, and q, k and v are not
-   padded at all (the qkv projection before is a third as wide for EDT-T).
+   Built into the library of cpu_attention.c and cpu_ffn.c (AVX-512, 16 lanes) and, at 8 lanes (-DLANES=8), into
+   the one of cpu_attention8.c for CPUs without AVX-512 (edtir/models/cpu_kernel.py); called by an autograd
+   function there. The eager path formed each chunk's 144 x 144 logits with batched products whose inner dimension
+   is EDT's head dim (5 for EDT-T, 15 for EDT-B, padded to 16 for the products), ran softmax over them in memory
+   and, in the backward, recomputed them and formed four more such products: about 40 % of an EDT-T training step
+   on 2 cores went there. Here the logits never leave registers and L2, and q, k and v are not padded at all (the
+   qkv projection before is a third as wide for EDT-T). The window's rows are gathered here from the qkv
+   projection's rows (an index), and each token's output (or gradient) goes back to its own row: PyTorch's gathers
+   and its grouped LePE conv over the windows, with their backward, had taken a sixth of an EDT-T step on an AVX2
+   CPU once the attention was in C.
 
-   Forward (lanes over 16 queries, as in cpu_attention.c): the logits of 16 queries against each key, the maximum,
-   2^x, their sum and the product with v; it keeps lse = max + log2(sum) per query, not the probabilities.
-   Backward, flash-attention's recomputation in two passes that each need no horizontal sum:
-     pass A, lanes over queries: P = 2^(s - lse), dP = dO vT, dS = P (dP - D) with D = rowsum(dO o), dq = dS k;
-     pass B, lanes over keys: the same P and dS, transposed, give dv = PT dO and dk = dST q.
+   Forward, per head (lanes over 16 or 8 queries, as in cpu_attention.c): the logits of a vector of queries against
+   each key, the maximum, 2^x, their sum and the product with v; it keeps lse = max + log2(sum) per query, not the
+   probabilities. Then LePE: the bias and the 3x3 depthwise conv of v inside the window, all heads at once.
+   Backward, flash-attention's recomputation, once per head:
+     pass A, lanes over queries: P = 2^(s - lse), dP = dO vT, dS = P (dP - D) with D = rowsum(dO o) (o the
+             attention's output: the output less LePE, recomputed), kept key-major (2 x 144 x 144 floats for EDT's
+             windows: in L2); then dq = dS k in a loop of its own (with dq's sums in the same loop EDT-T's 3 x 5
+             vectors of q, dO and dq and the temporaries did not fit AVX2's 16 registers);
+     pass B, per key, lanes over queries again: dv = PT dO and dk = dST q from them, summed across the lanes at
+             the end. (An earlier pass B, lanes over keys, recomputed P and dS: the exponentials twice, and the
+             two products of the head dim each logit takes. At 8 lanes on an AVX2 CPU that made the backward
+             3.4x the forward for EDT-T.)
+   and LePE's: dv += the conv's transpose of dO, its weight's and bias's gradients summed per thread.
    q comes multiplied by the attention scale and log2(e), and the bias by log2(e) (base-2 logits s); softmax in
    base 2 is softmax(s ln 2), so the gradients of q and k carry a factor ln 2.
 
    Layouts (float32, C-contiguous):
-     rows: (nw, N, 3 hd)       per window and token [q | k | v], each [head][d] (hd = heads d), as the fast path's
-                               gather makes them; d_rows likewise
-     out, d_out: (nw, N, hd)   per window and token [head][d]
+     rows: (R, 3 hd)           per token [q | k | v], each [head][d] (hd = heads d): the qkv projection's rows;
+                               with index (int64, nw N) token t of window w is row index[w N + t], without it row
+                               w N + t; d_rows likewise
+     out, d_out: (R, hd)       per token [head][d], the same rows
      lse: (nw, heads, NQ)      NQ = N rounded up to 16
      bias_q: (nb, N, NQ)       the additive bias of window row w % period - bias_from (when that is >= 0) in base-2
-                               units, key-major with the queries along the last axis (zeros beyond N);
-     bias_k: (nb, N, NQ)       the same, query-major with the keys along the last axis; NULL both when no bias. */
+                               units, key-major with the queries along the last axis (zeros beyond N); NULL when
+                               no bias
+     lepe_w: (2, 9, hd), lepe_b: (2, hd), or NULL: LePE, window w taking branch w % 2's 3x3 kernel (tap-major)
+                               over its A x B tokens (A B = N); d_lepe_w, d_lepe_b the same shapes. */
 
 #include "cpu_vec.h"
 
 #define LN2 0.6931471805599453f
 
+/* NQ, the stride of lse's and the biases' rows: N rounded up to 16 at either vector width (built with LANES 8 into
+   the 8-lane library too, for AVX2), as cpu_kernel.py lays them out */
+static inline int stride16(int n) { return (n + 15) / 16 * 16; }
+
 typedef struct {
-    float *qT, *oT, *lse, *dd; /* (d, NQ), (d, NQ), (NQ), (NQ) */
-    float *kT, *vT;            /* (d, NQ) each */
-    v16 *s;                    /* (N) */
+    float *qT, *oT, *dqT, *lse, *dd; /* (d, NQ) x 3, (NQ), (NQ) */
+    float *P, *dS;                   /* (N, NQ) each: the backward's probabilities and dS, key-major */
+    float *win, *dwin;               /* (N, 3 hd) each: the window's rows, and their gradient */
+    float *tile, *g, *lp;            /* (N, hd) each: the window's output, its gradient, LePE */
+    float *dlepe;                    /* (2, 10, hd): this thread's sums of LePE's weight (9 taps) and bias gradients */
+    v16 *s;                          /* (N) */
 } Scratch;
 
 /* The bias of window w, or NULL. */
@@ -44,7 +67,7 @@ static inline const float *window_bias(const float *bias, int64_t w, int bias_fr
 /* One head of one window, forward: oT and lse for its queries, 16 at a time. */
 static inline __attribute__((always_inline)) void forward_head(int N, const int D, const float *k, const float *v,
                                                                int ks, const float *bq, Scratch *S) {
-    const int NQ = whole_lanes(N);
+    const int NQ = stride16(N);
     for (int q0 = 0; q0 < NQ; q0 += LANES) {
         v16 q[16], o[16];
         for (int c = 0; c < D; c++) q[c] = vload(S->qT + c * NQ + q0);
@@ -74,16 +97,17 @@ static inline __attribute__((always_inline)) void forward_head(int N, const int 
     }
 }
 
-/* Pass A: dq (into dqT, times ln 2) for all queries, lanes over queries; qT holds q, oT holds dO, dd holds D. */
+/* Pass A: P and dS, key-major, lanes over queries; qT holds q, oT holds dO, dd holds D. Then dq (into dqT, times
+   ln 2) from dS in a loop of its own: with dq's sums in this one, EDT-T's 3 x 5 vectors of q, dO and dq and the
+   temporaries did not fit AVX2's 16 registers. */
 static inline __attribute__((always_inline)) void backward_queries(int N, const int D, const float *k, const float *v,
                                                                    int ks, const float *bq, Scratch *S) {
-    const int NQ = whole_lanes(N);
+    const int NQ = stride16(N);
     for (int q0 = 0; q0 < NQ; q0 += LANES) {
-        v16 q[16], g[16], dq[16];
+        v16 q[16], g[16];
         for (int c = 0; c < D; c++) {
             q[c] = vload(S->qT + c * NQ + q0);
             g[c] = vload(S->oT + c * NQ + q0);
-            dq[c] = splat(0.0f);
         }
         const v16 lse = vload(S->lse + q0), dd = vload(S->dd + q0);
         for (int j = 0; j < N; j++) {
@@ -94,42 +118,42 @@ static inline __attribute__((always_inline)) void backward_queries(int N, const 
                 dp += g[c] * vj[c];
             }
             if (bq) s += vload(bq + (int64_t)j * NQ + q0);
-            const v16 ds = vexp2(s - lse) * (dp - dd);
+            const v16 p = vexp2(s - lse);
+            vstore(S->P + (int64_t)j * NQ + q0, p);
+            vstore(S->dS + (int64_t)j * NQ + q0, p * (dp - dd));
+        }
+        v16 dq[16];
+        for (int c = 0; c < D; c++) dq[c] = splat(0.0f);
+        for (int j = 0; j < N; j++) {
+            const float *kj = k + (int64_t)j * ks;
+            const v16 ds = vload(S->dS + (int64_t)j * NQ + q0);
             for (int c = 0; c < D; c++) dq[c] += ds * kj[c];
         }
-        for (int c = 0; c < D; c++) vstore(S->qT + c * NQ + q0, dq[c] * LN2); /* q's columns are done with */
+        for (int c = 0; c < D; c++) vstore(S->dqT + c * NQ + q0, dq[c] * LN2);
     }
 }
 
-/* Pass B: dk and dv (into kT and vT, dk times ln 2) for all keys, lanes over keys; q and dO read row-wise. */
-static inline __attribute__((always_inline)) void backward_keys(int N, const int D, const float *q, int qs,
-                                                                const float *g, int gs, const float *bk, Scratch *S) {
-    const int NQ = whole_lanes(N);
-    for (int k0 = 0; k0 < NQ; k0 += LANES) {
-        v16 k[16], v[16], dk[16], dv[16];
-        for (int c = 0; c < D; c++) {
-            k[c] = vload(S->kT + c * NQ + k0);
-            v[c] = vload(S->vT + c * NQ + k0);
-            dk[c] = dv[c] = splat(0.0f);
-        }
-        for (int i = 0; i < N; i++) {
-            const float *qi = q + (int64_t)i * qs, *gi = g + (int64_t)i * gs;
-            v16 s = k[0] * qi[0], dp = v[0] * gi[0];
-            for (int c = 1; c < D; c++) {
-                s += k[c] * qi[c];
-                dp += v[c] * gi[c];
-            }
-            if (bk) s += vload(bk + (int64_t)i * NQ + k0);
-            const v16 p = vexp2(s - splat(S->lse[i]));
-            const v16 ds = p * (dp - splat(S->dd[i]));
-            for (int c = 0; c < D; c++) {
-                dv[c] += p * gi[c];
-                dk[c] += ds * qi[c];
+/* Pass B: channels [c0, c0 + CW) of dk (times ln 2) and dv for every key, into rows of stride ks: per key, its row
+   of P and dS against the queries' q and dO, lanes over queries (padded queries hold zero q and dO), then one sum
+   across the lanes. At most 8 channels at a time, so that the 16 sums and the two rows' vectors fit in registers. */
+static inline __attribute__((always_inline)) void backward_keys(int N, const int CW, int c0, const Scratch *S,
+                                                                float *dk, float *dv, int ks) {
+    const int NQ = stride16(N);
+    const float *qT = S->qT + c0 * NQ, *gT = S->oT + c0 * NQ;
+    for (int j = 0; j < N; j++) {
+        const float *pj = S->P + (int64_t)j * NQ, *dsj = S->dS + (int64_t)j * NQ;
+        v16 ak[8], av[8];
+        for (int c = 0; c < CW; c++) ak[c] = av[c] = splat(0.0f);
+        for (int q0 = 0; q0 < NQ; q0 += LANES) {
+            const v16 p = vload(pj + q0), ds = vload(dsj + q0);
+            for (int c = 0; c < CW; c++) {
+                av[c] += p * vload(gT + c * NQ + q0);
+                ak[c] += ds * vload(qT + c * NQ + q0);
             }
         }
-        for (int c = 0; c < D; c++) {
-            vstore(S->kT + c * NQ + k0, dk[c] * LN2);
-            vstore(S->vT + c * NQ + k0, dv[c]);
+        for (int c = 0; c < CW; c++) {
+            dk[(int64_t)j * ks + c0 + c] = hsum(ak[c]) * LN2;
+            dv[(int64_t)j * ks + c0 + c] += hsum(av[c]); /* onto LePE's */
         }
     }
 }
@@ -162,30 +186,47 @@ static void queries_any(int N, int D, const float *k, const float *v, int ks, co
     DISPATCH(backward_queries(N, DD, k, v, ks, bq, S))
 }
 
-static void keys_any(int N, int D, const float *q, int qs, const float *g, int gs, const float *bk, Scratch *S) {
-    DISPATCH(backward_keys(N, DD, q, qs, g, gs, bk, S))
+static void keys_any(int N, int CW, int c0, const Scratch *S, float *dk, float *dv, int ks) {
+    switch (CW) {
+    case 1: backward_keys(N, 1, c0, S, dk, dv, ks); break;
+    case 2: backward_keys(N, 2, c0, S, dk, dv, ks); break;
+    case 3: backward_keys(N, 3, c0, S, dk, dv, ks); break;
+    case 4: backward_keys(N, 4, c0, S, dk, dv, ks); break;
+    case 5: backward_keys(N, 5, c0, S, dk, dv, ks); break;
+    case 6: backward_keys(N, 6, c0, S, dk, dv, ks); break;
+    case 7: backward_keys(N, 7, c0, S, dk, dv, ks); break;
+    case 8: backward_keys(N, 8, c0, S, dk, dv, ks); break;
+    }
 }
 
-/* (floats of one thread's scratch, or 0 for arguments it does not take) */
-static size_t scratch_floats(int N, int d) {
-    const size_t NQ = (size_t)whole_lanes(N);
-    return (4 * (size_t)d * NQ + 2 * NQ + (size_t)N * LANES + 15) / 16 * 16;
+/* floats of one thread's scratch */
+static size_t scratch_floats(int N, int heads, int d) {
+    const size_t NQ = (size_t)stride16(N), hd = (size_t)heads * d;
+    return (3 * (size_t)d * NQ + 2 * NQ + 2 * (size_t)N * NQ + (size_t)N * LANES + 9 * (size_t)N * hd + 20 * hd + 15)
+           / 16 * 16;
 }
 
-static void scratch_at(float *base, int N, int d, Scratch *S) {
-    const int NQ = whole_lanes(N);
+static void scratch_at(float *base, int N, int heads, int d, Scratch *S) {
+    const int NQ = stride16(N), hd = heads * d;
     S->s = (v16 *)base; /* first: 64-byte aligned */
-    S->qT = base + (size_t)N * LANES;
+    S->P = base + (size_t)N * LANES;
+    S->dS = S->P + (size_t)N * NQ;
+    S->qT = S->dS + (size_t)N * NQ;
     S->oT = S->qT + (size_t)d * NQ;
-    S->kT = S->oT + (size_t)d * NQ;
-    S->vT = S->kT + (size_t)d * NQ;
-    S->lse = S->vT + (size_t)d * NQ;
+    S->dqT = S->oT + (size_t)d * NQ;
+    S->lse = S->dqT + (size_t)d * NQ;
     S->dd = S->lse + NQ;
+    S->win = S->dd + NQ;
+    S->dwin = S->win + (size_t)N * 3 * hd;
+    S->tile = S->dwin + (size_t)N * 3 * hd;
+    S->g = S->tile + (size_t)N * hd;
+    S->lp = S->g + (size_t)N * hd;
+    S->dlepe = S->lp + (size_t)N * hd;
 }
 
 /* columns [col, col + d) of N rows of stride rs into cT (d, NQ), zeros beyond N */
 static void transpose_in(const float *src, int64_t rs, int N, int d, float *cT) {
-    const int NQ = whole_lanes(N);
+    const int NQ = stride16(N);
     for (int c = 0; c < d; c++) {
         for (int t = 0; t < N; t++) cT[c * NQ + t] = src[t * rs + c];
         for (int t = N; t < NQ; t++) cT[c * NQ + t] = 0.0f;
@@ -193,85 +234,188 @@ static void transpose_in(const float *src, int64_t rs, int N, int d, float *cT) 
 }
 
 static void transpose_out(const float *cT, int N, int d, float *dst, int64_t rs) {
-    const int NQ = whole_lanes(N);
+    const int NQ = stride16(N);
     for (int t = 0; t < N; t++)
         for (int c = 0; c < d; c++) dst[t * rs + c] = cT[c * NQ + t];
 }
 
-/* One (window, head) of the forward: its output rows and its queries' lse. */
-static void forward_task(const float *rows, float *out, float *lse, const float *bias_q, int bias_from, int period,
-                         int64_t task, int N, int heads, int d, Scratch *S) {
-    const int NQ = whole_lanes(N), hd = heads * d, ks = 3 * hd;
-    const int64_t w = task / heads;
-    const int h = (int)(task % heads);
-    const float *r = rows + w * N * ks;
-    transpose_in(r + h * d, ks, N, d, S->qT);
-    forward_any(N, d, r + hd + h * d, r + 2 * hd + h * d, ks, window_bias(bias_q, w, bias_from, period, N, NQ), S);
-    transpose_out(S->oT, N, d, out + w * N * hd + h * d, hd);
-    memcpy(lse + task * NQ, S->lse, sizeof(float) * NQ);
+/* the row of token t of window w */
+static inline int64_t row_of(const int64_t *index, int64_t w, int N, int t) {
+    return index ? index[w * N + t] : w * N + t;
 }
 
-/* One (window, head) of the backward: its columns of d_rows (dq, dk, dv). */
-static void backward_task(const float *rows, const float *out, const float *d_out, const float *lse,
-                          const float *bias_q, const float *bias_k, int bias_from, int period, float *d_rows,
-                          int64_t task, int N, int heads, int d, Scratch *S) {
-    const int NQ = whole_lanes(N), hd = heads * d, ks = 3 * hd;
-    const int64_t w = task / heads;
-    const int h = (int)(task % heads);
-    const float *r = rows + w * N * ks, *o = out + w * N * hd + h * d, *g = d_out + w * N * hd + h * d;
-    float *dr = d_rows + w * N * ks;
-    memcpy(S->lse, lse + task * NQ, sizeof(float) * NQ);
-    for (int i = 0; i < N; i++) {
-        float acc = 0.0f;
-        for (int c = 0; c < d; c++) acc += g[(int64_t)i * hd + c] * o[(int64_t)i * hd + c];
-        S->dd[i] = acc;
+/* N rows of width `width` of window w from src into dst (contiguous), prefetching gathered rows ahead */
+#define AHEAD 4
+static void gather(const float *src, const int64_t *index, int64_t w, int N, int width, float *dst) {
+    for (int t = 0; t < N; t++) {
+        if (index && t + AHEAD < N) {
+            const char *next = (const char *)(src + index[w * N + t + AHEAD] * width);
+            for (int b = 0; b < width * (int)sizeof(float); b += 64) __builtin_prefetch(next + b);
+        }
+        memcpy(dst + (int64_t)t * width, src + row_of(index, w, N, t) * width, sizeof(float) * width);
     }
-    for (int i = N; i < NQ; i++) S->dd[i] = 0.0f;
-    transpose_in(r + h * d, ks, N, d, S->qT);
-    transpose_in(g, hd, N, d, S->oT);
-    queries_any(N, d, r + hd + h * d, r + 2 * hd + h * d, ks, window_bias(bias_q, w, bias_from, period, N, NQ), S);
-    transpose_out(S->qT, N, d, dr + h * d, ks);
-    transpose_in(r + hd + h * d, ks, N, d, S->kT);
-    transpose_in(r + 2 * hd + h * d, ks, N, d, S->vT);
-    keys_any(N, d, r + h * d, ks, g, hd, window_bias(bias_k, w, bias_from, period, N, NQ), S);
-    transpose_out(S->kT, N, d, dr + hd + h * d, ks);
-    transpose_out(S->vT, N, d, dr + 2 * hd + h * d, ks);
 }
 
-/* Both entry points: the forward when d_rows is NULL. Returns 0, or -1 for a head dim over 16 or scratch it could
-   not allocate. */
-static int run(const float *rows, float *out, const float *d_out, float *lse, const float *bias_q,
-               const float *bias_k, int bias_from, int period, float *d_rows, int64_t nw, int N, int heads, int d,
-               int threads) {
-    if (d < 1 || d > 16 || N < 1 || heads < 1 || threads < 1 || period < 1) return -1;
-    const size_t per = scratch_floats(N, d);
+static void scatter(const float *src, const int64_t *index, int64_t w, int N, int width, float *dst) {
+    for (int t = 0; t < N; t++)
+        memcpy(dst + row_of(index, w, N, t) * width, src + (int64_t)t * width, sizeof(float) * width);
+}
+
+/* The token at (y + dy, x + dx) of an A x B window, or -1 beyond its border. */
+static inline int neighbour(int A, int B, int t, int dy, int dx) {
+    const int y = t / B + dy, x = t % B + dx;
+    return y < 0 || y >= A || x < 0 || x >= B ? -1 : y * B + x;
+}
+
+/* LePE of the window into tile (N, hd): bias + the 3x3 depthwise conv of v (rows of vs) inside the window */
+static void lepe_forward(const float *v, int vs, const float *w, const float *b, int A, int B, int hd, float *tile) {
+    for (int t = 0; t < A * B; t++) {
+        float *o = tile + (int64_t)t * hd;
+        memcpy(o, b, sizeof(float) * hd);
+        for (int tap = 0; tap < 9; tap++) {
+            const int u = neighbour(A, B, t, tap / 3 - 1, tap % 3 - 1);
+            if (u < 0) continue;
+            const float *vu = v + (int64_t)u * vs, *wt = w + tap * hd;
+            for (int c = 0; c < hd; c++) o[c] += wt[c] * vu[c];
+        }
+    }
+}
+
+/* LePE's backward: dv (rows of vs) += the conv's transpose of g (N, hd); dw (9, hd) and db (hd) += their sums */
+static void lepe_backward(const float *v, int vs, const float *w, const float *g, int A, int B, int hd, float *dv,
+                          float *dw, float *db) {
+    for (int t = 0; t < A * B; t++) {
+        const float *gt = g + (int64_t)t * hd;
+        for (int c = 0; c < hd; c++) db[c] += gt[c];
+        for (int tap = 0; tap < 9; tap++) {
+            const int u = neighbour(A, B, t, tap / 3 - 1, tap % 3 - 1);
+            if (u < 0) continue;
+            const float *vu = v + (int64_t)u * vs, *wt = w + tap * hd;
+            float *dvu = dv + (int64_t)u * vs, *dwt = dw + tap * hd;
+            for (int c = 0; c < hd; c++) {
+                dvu[c] += wt[c] * gt[c];
+                dwt[c] += gt[c] * vu[c];
+            }
+        }
+    }
+}
+
+typedef struct {
+    const float *rows, *out, *d_out, *bias_q, *lepe_w, *lepe_b;
+    const int64_t *index;
+    float *lse, *d_rows;
+    int bias_from, period, A, B, N, heads, d;
+} Call;
+
+/* One window of the forward: its rows gathered, each head's attention into the tile and its queries' lse, LePE
+   added, the tile's rows written back to the rows they came from. */
+static void forward_window(const Call *k, float *out, int64_t w, Scratch *S) {
+    const int N = k->N, d = k->d, NQ = stride16(N), hd = k->heads * d, ks = 3 * hd;
+    gather(k->rows, k->index, w, N, ks, S->win);
+    const float *bq = window_bias(k->bias_q, w, k->bias_from, k->period, N, NQ);
+    for (int h = 0; h < k->heads; h++) {
+        transpose_in(S->win + h * d, ks, N, d, S->qT);
+        forward_any(N, d, S->win + hd + h * d, S->win + 2 * hd + h * d, ks, bq, S);
+        transpose_out(S->oT, N, d, S->tile + h * d, hd);
+        memcpy(k->lse + (w * k->heads + h) * NQ, S->lse, sizeof(float) * NQ);
+    }
+    if (k->lepe_w) {
+        const int br = (int)(w % 2);
+        lepe_forward(S->win + 2 * hd, ks, k->lepe_w + br * 9 * hd, k->lepe_b + br * hd, k->A, k->B, hd, S->lp);
+        for (int i = 0; i < N * hd; i++) S->tile[i] += S->lp[i];
+    }
+    scatter(S->tile, k->index, w, N, hd, out);
+}
+
+/* One window of the backward: its rows, outputs and their gradients gathered; LePE's part; each head's dq, dk and
+   dv; the rows' gradients written back to the rows they came from. */
+static void backward_window(const Call *k, int64_t w, Scratch *S) {
+    const int N = k->N, d = k->d, NQ = stride16(N), hd = k->heads * d, ks = 3 * hd;
+    gather(k->rows, k->index, w, N, ks, S->win);
+    gather(k->out, k->index, w, N, hd, S->tile);
+    gather(k->d_out, k->index, w, N, hd, S->g);
+    memset(S->dwin, 0, sizeof(float) * N * ks);
+    if (k->lepe_w) { /* the attention's own output is the output less LePE */
+        const int br = (int)(w % 2);
+        const float *lw = k->lepe_w + br * 9 * hd;
+        lepe_forward(S->win + 2 * hd, ks, lw, k->lepe_b + br * hd, k->A, k->B, hd, S->lp);
+        for (int i = 0; i < N * hd; i++) S->tile[i] -= S->lp[i];
+        lepe_backward(S->win + 2 * hd, ks, lw, S->g, k->A, k->B, hd, S->dwin + 2 * hd,
+                      S->dlepe + br * 10 * hd, S->dlepe + br * 10 * hd + 9 * hd);
+    }
+    const float *bq = window_bias(k->bias_q, w, k->bias_from, k->period, N, NQ);
+    for (int h = 0; h < k->heads; h++) {
+        const float *o = S->tile + h * d, *g = S->g + h * d;
+        memcpy(S->lse, k->lse + (w * k->heads + h) * NQ, sizeof(float) * NQ);
+        for (int i = 0; i < N; i++) {
+            float acc = 0.0f;
+            for (int c = 0; c < d; c++) acc += g[(int64_t)i * hd + c] * o[(int64_t)i * hd + c];
+            S->dd[i] = acc;
+        }
+        for (int i = N; i < NQ; i++) S->dd[i] = 0.0f;
+        transpose_in(S->win + h * d, ks, N, d, S->qT);
+        transpose_in(g, hd, N, d, S->oT);
+        queries_any(N, d, S->win + hd + h * d, S->win + 2 * hd + h * d, ks, bq, S);
+        transpose_out(S->dqT, N, d, S->dwin + h * d, ks);
+        for (int c0 = 0; c0 < d; c0 += 8)
+            keys_any(N, d - c0 < 8 ? d - c0 : 8, c0, S, S->dwin + hd + h * d, S->dwin + 2 * hd + h * d, ks);
+    }
+    scatter(S->dwin, k->index, w, N, ks, k->d_rows);
+}
+
+/* Both entry points: the forward when d_rows is NULL. Returns 0, or -1 for a head dim over 16, LePE that does not
+   fit the windows, or scratch it could not allocate. */
+static int run(const Call *k, float *out, float *d_lepe_w, float *d_lepe_b, int64_t nw, int threads) {
+    const int N = k->N, d = k->d, heads = k->heads, hd = heads * d;
+    if (d < 1 || d > 16 || N < 1 || heads < 1 || threads < 1 || k->period < 1
+        || (k->lepe_w && (k->A * k->B != N || nw % 2)))
+        return -1;
+    const size_t per = scratch_floats(N, heads, d);
     float *buf = aligned_alloc(64, sizeof(float) * per * threads);
     if (!buf) return -1;
+    Scratch first;
+    scratch_at(buf, N, heads, d, &first);
+    const size_t at = (size_t)(first.dlepe - buf); /* where each thread's LePE sums are, zeroed for every thread */
+    for (int t = 0; t < threads; t++) memset(buf + per * t + at, 0, sizeof(float) * 20 * hd);
 #pragma omp parallel num_threads(threads)
     {
         Scratch S;
-        scratch_at(buf + per * thread_id(), N, d, &S);
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < nw * heads; task++) {
-            if (d_rows)
-                backward_task(rows, out, d_out, lse, bias_q, bias_k, bias_from, period, d_rows, task, N, heads, d,
-                              &S);
+        scratch_at(buf + per * thread_id(), N, heads, d, &S);
+#pragma omp for schedule(static) /* each thread's share fixed, so its sums of LePE's gradients are too: a resumed
+                                   run repeats the uninterrupted one bit for bit */
+        for (int64_t w = 0; w < nw; w++) {
+            if (k->d_rows)
+                backward_window(k, w, &S);
             else
-                forward_task(rows, out, lse, bias_q, bias_from, period, task, N, heads, d, &S);
+                forward_window(k, out, w, &S);
         }
     }
+    if (k->d_rows && k->lepe_w) /* the threads' sums of LePE's gradients */
+        for (int br = 0; br < 2; br++)
+            for (int i = 0; i < 10 * hd; i++) {
+                float acc = 0.0f;
+                for (int t = 0; t < threads; t++) acc += buf[per * t + at + br * 10 * hd + i];
+                if (i < 9 * hd)
+                    d_lepe_w[br * 9 * hd + i] = acc;
+                else
+                    d_lepe_b[br * hd + i - 9 * hd] = acc;
+            }
     free(buf);
     return 0;
 }
 
-int edt_window_attention_fwd(const float *rows, float *out, float *lse, const float *bias_q, int bias_from,
-                             int period, int64_t nw, int N, int heads, int d, int threads) {
-    return run(rows, out, NULL, lse, bias_q, NULL, bias_from, period, NULL, nw, N, heads, d, threads);
+int edt_window_attention_fwd(const float *rows, const int64_t *index, float *out, float *lse, const float *bias_q,
+                             int bias_from, int period, const float *lepe_w, const float *lepe_b, int A, int B,
+                             int64_t nw, int N, int heads, int d, int threads) {
+    const Call k = {rows, NULL, NULL, bias_q, lepe_w, lepe_b, index, lse, NULL, bias_from, period, A, B, N, heads, d};
+    return run(&k, out, NULL, NULL, nw, threads);
 }
 
-int edt_window_attention_bwd(const float *rows, const float *out, const float *d_out, const float *lse,
-                             const float *bias_q, const float *bias_k, int bias_from, int period, float *d_rows,
+int edt_window_attention_bwd(const float *rows, const int64_t *index, const float *out, const float *d_out,
+                             const float *lse, const float *bias_q, int bias_from, int period, const float *lepe_w,
+                             const float *lepe_b, int A, int B, float *d_rows, float *d_lepe_w, float *d_lepe_b,
                              int64_t nw, int N, int heads, int d, int threads) {
-    return run(rows, (float *)out, d_out, (float *)lse, bias_q, bias_k, bias_from, period, d_rows, nw, N, heads, d,
-               threads);
+    const Call k = {rows, out, d_out, bias_q, lepe_w, lepe_b, index, (float *)lse, d_rows, bias_from, period, A, B, N,
+                    heads, d};
+    return run(&k, NULL, d_lepe_w, d_lepe_b, nw, threads);
 }

@@ -154,22 +154,35 @@ def _load() -> Kernels:
     ffn = lib.edt_proj_ffn
     ffn.restype = i32
     ffn.argtypes = [ptr] * 3 + [i32] * 4 + [ptr] * 4 + [ctypes.c_float] + [ptr] * 2 + [i32] + [ptr] * 4 + [i32]
-    i64 = ctypes.c_int64
+    _state["path"] = path
+    kernels = Kernels(attention, ffn, *_training_entries(lib))
+    with _checking():
+        _check(kernels)
+    return kernels
+
+
+def _training_entries(lib: ctypes.CDLL) -> tuple[Callable, ...]:
+    """The training kernels' entry points (cpu_attention_train.c, cpu_dwconv.c) in a library built with them:
+    the attention's forward and backward, the depthwise conv's forward and backward."""
+    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     fwd, bwd = lib.edt_window_attention_fwd, lib.edt_window_attention_bwd
     fwd.restype = bwd.restype = i32
-    fwd.argtypes = [ptr] * 4 + [i32] * 2 + [i64] + [i32] * 4
-    bwd.argtypes = [ptr] * 6 + [i32] * 2 + [ptr, i64] + [i32] * 4
+    fwd.argtypes = [ptr] * 5 + [i32] * 2 + [ptr] * 2 + [i32] * 2 + [i64] + [i32] * 4
+    bwd.argtypes = [ptr] * 6 + [i32] * 2 + [ptr] * 2 + [i32] * 2 + [ptr] * 3 + [i64] + [i32] * 4
     dw_fwd, dw_bwd = lib.edt_dwconv_gelu_fwd, lib.edt_dwconv_gelu_bwd
     dw_fwd.restype = dw_bwd.restype = i32
     dw_fwd.argtypes = [ptr] * 5 + [i32] * 5
     dw_bwd.argtypes = [ptr] * 7 + [i32] * 5
-    _state["path"] = path
-    kernels = Kernels(attention, ffn, fwd, bwd, dw_fwd, dw_bwd)
-    # loaded mid-training, the check must not move the run's random stream; loaded first under inference_mode
-    # (restore, eval), the training kernels' check still needs autograd
-    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
-        _check(kernels)
-    return kernels
+    return fwd, bwd, dw_fwd, dw_bwd
+
+
+def _checking():
+    """Where a library's checks run: loaded mid-training, they must not move the run's random stream; loaded first
+    under inference_mode (restore, eval), the training kernels' checks still need autograd."""
+    stack = contextlib.ExitStack()
+    for c in (torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad()):
+        stack.enter_context(c)
+    return stack
 
 
 def library() -> Kernels | None:
@@ -215,7 +228,8 @@ def status() -> str:
         if not attention8.on:
             eight = "its attention in PyTorch (EDTIR_CPU_ATTENTION8=0)"
         elif library8() is not None:
-            eight = f"its attention and depthwise conv in the 8-lane kernels ({_state8['path']})"
+            eight = (f"its attention and depthwise conv in the 8-lane kernels, for inference and training "
+                     f"({_state8['path']})")
         else:
             eight = f"its attention in PyTorch (the 8-lane kernels are unavailable: {_state8['error']})"
         return ("not used: no AVX-512 on this CPU, where they are slower than the PyTorch fast path, which serves, "
@@ -238,7 +252,18 @@ def serves_training(x: torch.Tensor, head_dim: int = 0) -> bool:
 
     return (x.device.type == "cpu" and x.dtype == torch.float32 and head_dim <= MAX_HEAD_DIM
             and not torch.is_autocast_enabled("cpu") and not exporting() and not torch.compiler.is_compiling()
-            and chosen())
+            and training_library() is not None)
+
+
+def training_library():
+    """The library whose kernels with autograd serve here: the AVX-512 one where it is chosen; else, where the
+    AVX-512 kernels are not wanted, the 8-lane one (the same training sources built at 8 floats a vector); None
+    where neither can."""
+    if chosen():
+        return library()
+    if enabled.on and attention8.on and not wanted():
+        return library8()
+    return None
 
 
 #: the column width of the kernels' packed weights (4 vectors of 16); the last panel is as narrow as whole vectors allow
@@ -464,55 +489,69 @@ def bias_keys(bias: torch.Tensor, n: int) -> torch.Tensor:
     return _base2_padded(bias.detach().reshape(-1, n, n).transpose(1, 2), n)
 
 
-def _bias_pair(bias: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`bias_keys`, and the same query-major (for the backward)."""
-    return bias_keys(bias, n), _base2_padded(bias.detach().reshape(-1, n, n), n)
-
-
 class _WindowAttention(torch.autograd.Function):
     """:func:`window_attention`: the forward keeps each query's log-sum-exp, the backward recomputes the
-    probabilities (in registers) and returns the gradient of the rows."""
+    probabilities (in registers) and returns the gradients of the rows and of LePE's weight and bias."""
 
     @staticmethod
-    def forward(ctx, rows, bias, bias_from, period, heads, d, lib):
-        nw, n, width = rows.shape
-        if width != 3 * heads * d or d > MAX_HEAD_DIM:
-            raise ValueError(f"window_attention: rows of {width} do not hold q, k, v of {heads} heads of {d}")
+    def forward(ctx, rows, lepe_w, lepe_b, bias, plan, lib):
+        index, n, bias_from, period, heads, d, (A, B) = plan
+        hd = heads * d
+        nw = rows.shape[0] if index is None else index.numel() // n
         rows = rows.contiguous()
-        out = rows.new_empty(nw, n, heads * d)
+        out = rows.new_empty(nw, n, hd) if index is None else rows.new_empty(rows.shape[0], hd)
         lse = rows.new_empty(nw, heads, _lanes(n))
-        bq, bk = _bias_pair(bias, n) if bias is not None else (None, None)
-        rc = lib.train_forward(rows.data_ptr(), out.data_ptr(), lse.data_ptr(), _ptr(bq), bias_from,
-                                     period or nw, nw, n, heads, d, torch.get_num_threads())
+        bq = bias_keys(bias, n) if bias is not None else None
+        lw, lb = (None, None) if lepe_w is None else (lepe_w.detach().contiguous(), lepe_b.detach().contiguous())
+        rc = lib.train_forward(rows.data_ptr(), _ptr(index), out.data_ptr(), lse.data_ptr(), _ptr(bq), bias_from,
+                               period or nw, _ptr(lw), _ptr(lb), A, B, nw, n, heads, d, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError("edt_window_attention_fwd failed (out of memory?)")
         ctx.save_for_backward(rows, out, lse)
-        ctx.plan = (bq, bk, bias_from, period or nw, heads, d, lib)
+        ctx.plan = (index, bq, lw, lb, bias_from, period or nw, A, B, nw, n, heads, d, lib)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         rows, out, lse = ctx.saved_tensors
-        bq, bk, bias_from, period, heads, d, lib = ctx.plan
+        index, bq, lw, lb, bias_from, period, A, B, nw, n, heads, d, lib = ctx.plan
         d_out = d_out.contiguous()
         d_rows = torch.empty_like(rows)
-        nw, n, _ = rows.shape
-        rc = lib.train_backward(rows.data_ptr(), out.data_ptr(), d_out.data_ptr(), lse.data_ptr(), _ptr(bq),
-                                      _ptr(bk), bias_from, period, d_rows.data_ptr(), nw, n, heads, d,
-                                      torch.get_num_threads())
+        d_lw, d_lb = (None, None) if lw is None else (torch.empty_like(lw), torch.empty_like(lb))
+        rc = lib.train_backward(rows.data_ptr(), _ptr(index), out.data_ptr(), d_out.data_ptr(), lse.data_ptr(),
+                                _ptr(bq), bias_from, period, _ptr(lw), _ptr(lb), A, B, d_rows.data_ptr(), _ptr(d_lw),
+                                _ptr(d_lb), nw, n, heads, d, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError("edt_window_attention_bwd failed (out of memory?)")
-        return d_rows, None, None, None, None, None, None
+        return d_rows, d_lw, d_lb, None, None, None
 
 
 def window_attention(rows: torch.Tensor, heads: int, d: int, bias: torch.Tensor | None = None, bias_from: int = 0,
-                     period: int | None = None, lib: Kernels | None = None) -> torch.Tensor:
+                     period: int | None = None, index: torch.Tensor | None = None, n: int | None = None,
+                     lepe: tuple | None = None, lib: Kernels | None = None) -> torch.Tensor:
     """softmax(q kᵀ + bias) v per window and head, with autograd. ``rows`` (windows, N, 3 heads d): per token
     [q | k | v], each [head][d], q multiplied by the attention scale and :data:`LOG2E`; -> (windows, N, heads d).
     ``bias`` ((windows with one, [1,] N, N), in the units of the logits before the LOG2E factor, symmetric or
     not) applies to the windows at positions ``bias_from`` and later within every ``period`` windows, as in
-    :func:`edt.windowed_attention`."""
-    return _WindowAttention.apply(rows, bias, bias_from, period, heads, d, lib or library())
+    :func:`edt.windowed_attention`. With ``index`` and ``n`` (rows 2-D, as :func:`window_attention8` takes them)
+    the kernel gathers the windows itself and writes each token's output to its own row; ``lepe`` (weight (2, 9,
+    heads d) tap-major, bias (2, heads d), (A, B)) adds LePE, the gradients flowing to both."""
+    width = rows.shape[-1]
+    if index is None:
+        n = rows.shape[1]
+    elif rows.dim() != 2 or index.dtype != torch.int64 or n is None or index.numel() % n:
+        raise ValueError("window_attention: index must be int64, (windows * N,), over 2-D rows")
+    else:
+        index = index.contiguous()
+    if width != 3 * heads * d or d > MAX_HEAD_DIM:
+        raise ValueError(f"window_attention: rows of {width} do not hold q, k, v of {heads} heads of {d}")
+    lw, lb, (A, B) = lepe if lepe is not None else (None, None, (0, 0))
+    nw = rows.shape[0] if index is None else index.numel() // n
+    if lepe is not None and (lw.shape != (2, 9, heads * d) or lb.shape != (2, heads * d) or A * B != n or nw % 2):
+        raise ValueError(f"window_attention: LePE weights {tuple(lw.shape)} do not fit {heads} heads of {d} in "
+                         f"windows of {n} tokens")
+    return _WindowAttention.apply(rows, lw, lb, bias, (index, n, bias_from, period, heads, d, (A, B)),
+                                  lib or training_library())
 
 
 def reference_window_attention_rows(rows, heads: int, d: int, bias=None, bias_from: int = 0, period=None):
@@ -555,14 +594,22 @@ def _max_error(out, ref, grads) -> float:
     return max((a - b).abs().max().item() for a, b in [(out, ref), *grads])
 
 
-def _check_training(lib: Kernels, gen) -> None:
-    """The training kernel's output and gradient against autograd through the reference, in float64."""
+def _check_training(lib, gen) -> None:
+    """The training kernel's output and gradients against autograd through the reference, in float64: rows in
+    window order, and gathered with LePE (the gradients of its weight and bias too)."""
     rows, bias, grad, plan = _train_case(gen)
-    err = _max_error(*against_reference(lambda x: window_attention(x, 2, 3, bias, **plan, lib=lib),
-                                        lambda x: reference_window_attention_rows(x, 2, 3, bias, **plan),
-                                        [rows], grad))
-    if not err <= 1e-4:
-        raise RuntimeError(f"the built training attention kernel is off by {err:.3g} from the reference")
+    nw, n, width = rows.shape
+    gathered = dict(index=torch.randperm(nw * n, generator=gen), n=n, **plan)
+    lepe = [torch.randn(2, 9, 6, generator=gen), torch.randn(2, 6, generator=gen)]
+    for kernel, reference, inputs, g in (
+            (lambda x: window_attention(x, 2, 3, bias, **plan, lib=lib),
+             lambda x: reference_window_attention_rows(x, 2, 3, bias, **plan), [rows], grad),
+            (lambda x, w, b: window_attention(x, 2, 3, bias, **gathered, lepe=(w, b, (3, 5)), lib=lib),
+             lambda x, w, b: reference_window_attention8(x, 2, 3, bias, **gathered, lepe=(w, b, (3, 5))),
+             [rows.view(-1, width), *lepe], grad.view(-1, 6))):
+        err = _max_error(*against_reference(kernel, reference, inputs, g))
+        if not err <= 1e-4:
+            raise RuntimeError(f"the built training attention kernel is off by {err:.3g} from the reference")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -605,7 +652,7 @@ class _DWConvGELU(torch.autograd.Function):
 def dwconv_gelu(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lib: Kernels | None = None):
     """GELU(depthwise 5x5 conv of h, zero padding 2) with autograd; h (B, H, W, C) channels-last, weight (C, 1, 5,
     5) and bias (C) as ``nn.Conv2d`` holds them; -> (B, H, W, C)."""
-    return _DWConvGELU.apply(h, weight, bias, lib or library())
+    return _DWConvGELU.apply(h, weight, bias, lib or training_library())
 
 
 def reference_dwconv_gelu(h, weight, bias):
@@ -631,7 +678,10 @@ def _check_dwconv(lib: Kernels, gen) -> None:
 # Window attention at 8 lanes, for inference where the kernels above are not used (cpu_attention8.c)
 # ---------------------------------------------------------------------------------------------------------------
 
-SOURCES8 = tuple(Path(__file__).with_name(n) for n in ("cpu_attention8.c", "cpu_dwconv8.c"))
+#: the inference kernels written for 8 lanes, and the training kernels built at 8 lanes (``-DLANES=8``)
+SOURCES8 = tuple(Path(__file__).with_name(n) for n in ("cpu_attention8.c", "cpu_dwconv8.c", "cpu_attention_train.c",
+                                                          "cpu_dwconv.c"))
+FLAGS8 = (*FLAGS, "-DLANES=8")
 #: EDTIR_CPU_ATTENTION8=0 (or ``with cpu_kernel.attention8(False)``) keeps PyTorch's ops there (the name is the
 #: first kernel's; it switches both)
 attention8 = Switch("EDTIR_CPU_ATTENTION8")
@@ -639,13 +689,17 @@ _state8: dict = {"lib": None, "error": None, "path": None}
 
 
 class Kernels8(NamedTuple):
-    """The 8-lane library's entry points."""
+    """The 8-lane library's entry points; the training ones as :class:`Kernels` names them."""
     attention: Callable  # window attention with the gathers and LePE (cpu_attention8.c)
     dwconv_gelu: Callable  # the FFN's depthwise conv + GELU (cpu_dwconv8.c)
+    train_forward: Callable  # window attention with autograd (cpu_attention_train.c at 8 lanes)
+    train_backward: Callable
+    dwconv_forward: Callable  # the FFN's depthwise conv + GELU with autograd (cpu_dwconv.c at 8 lanes)
+    dwconv_backward: Callable
 
 
 def _load8() -> Kernels8:
-    path = _build(SOURCES8, FLAGS, "cpu_kernels8")
+    path = _build(SOURCES8, FLAGS8, "cpu_kernels8")
     lib = ctypes.CDLL(str(path))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     attention, dwconv = lib.edt_window_attention8, lib.edt_dwconv_gelu8
@@ -653,8 +707,9 @@ def _load8() -> Kernels8:
     attention.argtypes = [ptr] * 4 + [i32] * 3 + [ptr] * 2 + [i32] * 2 + [ctypes.c_int64] + [i32] * 4
     dwconv.argtypes = [ptr] * 4 + [i32] * 5
     _state8["path"] = path
-    kernels = Kernels8(attention, dwconv)
-    _check8(kernels)
+    kernels = Kernels8(attention, dwconv, *_training_entries(lib))
+    with _checking():
+        _check8(kernels)
     return kernels
 
 
@@ -682,6 +737,8 @@ def _check8(lib: Kernels8) -> None:
         err = (out - reference_window_attention8(rows.double(), 2, d, bias, **plan, **args)).abs().max().item()
         if not err <= 1e-4:
             raise RuntimeError(f"the built 8-lane attention kernel is off by {err:.3g} from the reference")
+    _check_training(lib, gen)
+    _check_dwconv(lib, gen)
 
 
 def library8() -> Kernels8 | None:

@@ -145,6 +145,10 @@ static inline v16 vrcp(v16 a) {
 static inline float hsum(v16 v) {
 #if VEC512
     return _mm512_reduce_add_ps((__m512)v);
+#elif LANES == 8 && defined(__AVX__)
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 #else
     float t[LANES], s = 0.0f;
     vstore(t, v);

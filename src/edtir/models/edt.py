@@ -222,13 +222,14 @@ ATTENTION_CHUNK = 32
 
 def use_explicit_attention(x: torch.Tensor, head_dim: int) -> bool:
     """CPU, float32 (no autocast), not exporting: inference, and training (whose backward recomputes the
-    probabilities chunk by chunk, :class:`_WindowedAttentionGrad`, unless the C kernel takes it). Not training on
-    a CPU without AVX-512, unless the C kernels are forced there: torch's fused attention took an EDT-T training
-    step in 12.4 s against 13.4 there (2 threads; 15.7 against 19.1 on one), where the AVX-512 VM had it the other
-    way round (7.19 against 7.04 s)."""
+    probabilities chunk by chunk, :class:`_WindowedAttentionGrad`, unless a C kernel takes it). Training on a CPU
+    without AVX-512 only where the 8-lane training kernels serve (or the AVX-512 ones are forced): PyTorch's
+    explicit attention there took an EDT-T training step in 13.4 s against 12.4 with torch's fused one (2
+    threads), where the AVX-512 VM had it the other way round (7.19 against 7.04 s)."""
     return (explicit_attention.on and head_dim <= EXPLICIT_MAX_HEAD_DIM and x.device.type == "cpu"
             and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and not exporting()
-            and (not torch.is_grad_enabled() or cpu_kernel.wanted() or cpu_kernel.native_avx512() is not False))
+            and (not torch.is_grad_enabled() or cpu_kernel.wanted() or cpu_kernel.native_avx512() is not False
+                 or cpu_kernel.training_library() is not None))
 
 
 def _chunks(nw: int, heads: int, chunk: int | None, bias_from: int, period: int | None):
@@ -801,20 +802,21 @@ class EDTBlock(nn.Module):
         # transposed, so its kernel is too): (C, 1, 3, 3) and (C,)
         w_l = torch.cat([a.lepe.weight, self.attns[1].lepe.weight.transpose(-1, -2)])
         b_l = torch.cat([a.lepe.bias, self.attns[1].lepe.bias])
-        if lanes8:  # the gathers, the attention and LePE in one call
+        if lanes8 or trains:  # the gathers, the attention and LePE in one call (with its backward when training)
             lepe = (w_l.view(2, half, 9).transpose(1, 2), b_l.view(2, half), (wh, ww))
-            out = cpu_kernel.window_attention8(qkv.reshape(-1, width), heads, d,
-                                               layout.key_major_bias() if self.shifted else None, layout.bias_from,
-                                               layout.windows, index=gather, n=n, lepe=lepe)
+            if trains:
+                out = cpu_kernel.window_attention(qkv.reshape(-1, width), heads, d,
+                                                  layout.tail_bias(qkv.dtype) if self.shifted else None,
+                                                  layout.bias_from, layout.windows, index=gather, n=n, lepe=lepe)
+            else:
+                out = cpu_kernel.window_attention8(qkv.reshape(-1, width), heads, d,
+                                                   layout.key_major_bias() if self.shifted else None,
+                                                   layout.bias_from, layout.windows, index=gather, n=n, lepe=lepe)
             return out.view(B, H, W, C)
         rows = permute_rows(qkv.reshape(-1, width), gather, scatter).view(-1, n, width)  # (B * nW * 2, N, width)
         q, k, v = (part.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B * nW * 2, heads, N, pk or pv)
                    for part in rows.split([heads * pk, heads * pk, heads * pv], dim=-1))
-        if trains:  # (B*nW*2, N, heads * d) -> (B*nW*2, heads, N, d): a view of the kernel's output
-            out = cpu_kernel.window_attention(rows, heads, d, layout.tail_bias(q.dtype) if self.shifted else None,
-                                              layout.bias_from, layout.windows).unflatten(-1, (heads, d))
-            out = out.transpose(1, 2)
-        elif explicit:  # q comes pre-scaled; the mask goes to the windows that have one
+        if explicit:  # q comes pre-scaled; the mask goes to the windows that have one
             out = windowed_attention(q, k, v, layout.tail_bias(q.dtype) if self.shifted else None,
                                      bias_from=layout.bias_from, period=layout.windows)
         else:
