@@ -692,7 +692,7 @@ def _pi_attention(rows, index, out, *args):
     return 0
 
 
-def _pi_dwconv(h, taps, bias, y, B, H, W, C, threads):
+def _pi_dwconv(h, taps, bias, z, y, B, H, W, C, threads):
     """The same for the 8-lane depthwise conv."""
     (ctypes.c_float * (B * H * W * C)).from_address(y)[:] = [math.pi] * (B * H * W * C)
     return 0

@@ -17,7 +17,7 @@
    probabilities. Then LePE: the bias and the 3x3 depthwise conv of v inside the window, all heads at once.
    Backward, flash-attention's recomputation, once per head:
      pass A, lanes over queries: P = 2^(s - lse), dP = dO vT, dS = P (dP - D) with D = rowsum(dO o) (o the
-             attention's output: the output less LePE, recomputed), kept key-major (2 x 144 x 144 floats for EDT's
+             attention's output: the output less LePE, recomputed), kept per vector of queries (2 x 144 x 144 floats for EDT's
              windows: in L2); then dq = dS k in a loop of its own (with dq's sums in the same loop EDT-T's 3 x 5
              vectors of q, dO and dq and the temporaries did not fit AVX2's 16 registers);
      pass B, per key, lanes over queries again: dv = PT dO and dk = dST q from them, summed across the lanes at
@@ -50,7 +50,7 @@ static inline int stride16(int n) { return (n + 15) / 16 * 16; }
 
 typedef struct {
     float *qT, *oT, *dqT, *lse, *dd; /* (d, NQ) x 3, (NQ), (NQ) */
-    float *P, *dS;                   /* (N, NQ) each: the backward's probabilities and dS, key-major */
+    float *P, *dS;                   /* (NQ / LANES, N, LANES) each: the backward's probabilities and dS */
     float *win, *dwin;               /* (N, 3 hd) each: the window's rows, and their gradient */
     float *tile, *g, *lp;            /* (N, hd) each: the window's output, its gradient, LePE */
     float *dlepe;                    /* (2, 10, hd): this thread's sums of LePE's weight (9 taps) and bias gradients */
@@ -97,9 +97,11 @@ static inline __attribute__((always_inline)) void forward_head(int N, const int 
     }
 }
 
-/* Pass A: P and dS, key-major, lanes over queries; qT holds q, oT holds dO, dd holds D. Then dq (into dqT, times
-   ln 2) from dS in a loop of its own: with dq's sums in this one, EDT-T's 3 x 5 vectors of q, dO and dq and the
-   temporaries did not fit AVX2's 16 registers. */
+/* Pass A: P and dS, lanes over queries; qT holds q, oT holds dO, dd holds D. Each vector of queries has its own
+   panel of P and of dS, one vector per key: the stores go in order (written key-major, 144 keys apart, they were a
+   quarter of this pass's time on an AVX2 CPU, perf). Then dq (into dqT, times ln 2) from dS in a loop of its own:
+   with dq's sums in this one, EDT-T's 3 x 5 vectors of q, dO and dq and the temporaries did not fit AVX2's 16
+   registers. */
 static inline __attribute__((always_inline)) void backward_queries(int N, const int D, const float *k, const float *v,
                                                                    int ks, const float *bq, Scratch *S) {
     const int NQ = stride16(N);
@@ -110,6 +112,7 @@ static inline __attribute__((always_inline)) void backward_queries(int N, const 
             g[c] = vload(S->oT + c * NQ + q0);
         }
         const v16 lse = vload(S->lse + q0), dd = vload(S->dd + q0);
+        float *const restrict P = S->P + (int64_t)q0 * N, *const restrict dS = S->dS + (int64_t)q0 * N;
         for (int j = 0; j < N; j++) {
             const float *kj = k + (int64_t)j * ks, *vj = v + (int64_t)j * ks;
             v16 s = q[0] * kj[0], dp = g[0] * vj[0];
@@ -119,33 +122,33 @@ static inline __attribute__((always_inline)) void backward_queries(int N, const 
             }
             if (bq) s += vload(bq + (int64_t)j * NQ + q0);
             const v16 p = vexp2(s - lse);
-            vstore(S->P + (int64_t)j * NQ + q0, p);
-            vstore(S->dS + (int64_t)j * NQ + q0, p * (dp - dd));
+            vstore(P + (int64_t)j * LANES, p);
+            vstore(dS + (int64_t)j * LANES, p * (dp - dd));
         }
         v16 dq[16];
         for (int c = 0; c < D; c++) dq[c] = splat(0.0f);
         for (int j = 0; j < N; j++) {
             const float *kj = k + (int64_t)j * ks;
-            const v16 ds = vload(S->dS + (int64_t)j * NQ + q0);
+            const v16 ds = vload(dS + (int64_t)j * LANES);
             for (int c = 0; c < D; c++) dq[c] += ds * kj[c];
         }
         for (int c = 0; c < D; c++) vstore(S->dqT + c * NQ + q0, dq[c] * LN2);
     }
 }
 
-/* Pass B: channels [c0, c0 + CW) of dk (times ln 2) and dv for every key, into rows of stride ks: per key, its row
-   of P and dS against the queries' q and dO, lanes over queries (padded queries hold zero q and dO), then one sum
-   across the lanes. At most 8 channels at a time, so that the 16 sums and the two rows' vectors fit in registers. */
+/* Pass B: channels [c0, c0 + CW) of dk (times ln 2) and dv for every key, into rows of stride ks: per key, its
+   vectors of P and dS (one in each query vector's panel) against the queries' q and dO, lanes over queries (padded
+   queries hold zero q and dO), then one sum across the lanes. At most 8 channels at a time, so that the 16 sums and the two rows' vectors fit in registers. */
 static inline __attribute__((always_inline)) void backward_keys(int N, const int CW, int c0, const Scratch *S,
                                                                 float *dk, float *dv, int ks) {
     const int NQ = stride16(N);
     const float *qT = S->qT + c0 * NQ, *gT = S->oT + c0 * NQ;
     for (int j = 0; j < N; j++) {
-        const float *pj = S->P + (int64_t)j * NQ, *dsj = S->dS + (int64_t)j * NQ;
+        const float *pj = S->P + (int64_t)j * LANES, *dsj = S->dS + (int64_t)j * LANES;
         v16 ak[8], av[8];
         for (int c = 0; c < CW; c++) ak[c] = av[c] = splat(0.0f);
         for (int q0 = 0; q0 < NQ; q0 += LANES) {
-            const v16 p = vload(pj + q0), ds = vload(dsj + q0);
+            const v16 p = vload(pj + (int64_t)q0 * N), ds = vload(dsj + (int64_t)q0 * N);
             for (int c = 0; c < CW; c++) {
                 av[c] += p * vload(gT + c * NQ + q0);
                 ak[c] += ds * vload(qT + c * NQ + q0);
