@@ -11,6 +11,7 @@ ways run on any CPU here, whatever the default.
     python benchmarks/cpu_attention.py --blocks    # one block's attention alone: head dims, threads, every way
                                                    # (a shifted block: the 8-lane kernel adds the mask)
     python benchmarks/cpu_attention.py --pads      # EDT-T 264x264, explicit: q/k padded to 8 (the default), 16, 5
+    python benchmarks/cpu_attention.py --train     # one block's attention in training: forward, and with backward
 """
 
 from __future__ import annotations
@@ -97,6 +98,48 @@ def blocks() -> None:
                       f"{eight:>10.1f}", flush=True)
 
 
+def train_blocks() -> None:
+    """The attention of one block in training alone, forward and forward + backward, random inputs: EDT-T's and
+    EDT-B's heads (6 of 5, 6 of 15) on 8 LR patches of 48x48 (256 windows of 144 tokens, both branches), 1 and 2
+    threads. torch's fused attention on q, k, v (no mask, no LePE, no gathers; what training takes without the
+    kernels on a CPU without AVX-512), and the training kernel in both builds (16 lanes, the AVX-512 library's,
+    forced where it is not wanted; 8 lanes, the 8-lane library's) with the gathers, a shifted block's mask and LePE,
+    and their gradients."""
+    import torch.nn.functional as F
+
+    E.tune_cpu_allocator()
+    print("# one block's attention in training, batch 8 of 48x48, median ms of 10 (forward / forward + backward); "
+          "the kernels' times include the gathers, the shift mask and LePE")
+    print(f"{'block':<8}{'threads':>8}{'head dim':>10}{'fused':>18}{'C kernel':>18}{'C 8-lane':>18}")
+    builds = {"C kernel": cpu_kernel.library(), "C 8-lane": cpu_kernel.library8()}
+    lay = E.WindowLayout(48, 48, (6, 24), (3, 12), "cpu")
+    gather, _ = lay.indices(8, True)
+    nw = gather.numel() // 144
+    for label, d in (("EDT-T", 5), ("EDT-B", 15)):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            q, k, v = (torch.randn(nw, 6, 144, d, requires_grad=True) for _ in range(3))
+            rows = torch.randn(gather.numel(), 18 * d, requires_grad=True)
+            lw, lb = torch.randn(2, 9, 6 * d, requires_grad=True), torch.randn(2, 6 * d, requires_grad=True)
+            ways = {"fused": (lambda: F.scaled_dot_product_attention(q, k, v), q.shape)}  # noqa: B023
+            for name, lib in builds.items():
+                if lib is not None:
+                    ways[name] = (lambda lib=lib: cpu_kernel.window_attention(  # noqa: B023
+                        rows, 6, d, lay.tail_bias(torch.float32), lay.bias_from, lay.windows,  # noqa: B023
+                        index=gather, n=144, lepe=(lw, lb, (6, 24)), lib=lib), (gather.numel(), 6 * d))  # noqa: B023
+            cells = []
+            for name in ("fused", *builds):
+                if name not in ways:
+                    cells.append("-")
+                    continue
+                f, shape = ways[name]
+                g = torch.randn(shape)
+                fwd = median_ms(f)
+                both = median_ms(lambda f=f, g=g: f().backward(g))
+                cells.append(f"{fwd:.1f} / {both:.1f}")
+            print(f"{label:<8}{threads:>8}{d:>10}" + "".join(f"{c:>18}" for c in cells), flush=True)
+
+
 def pads(args) -> None:
     """The explicit attention with EDT-T's q and k padded to 8 (what ``head_pad`` picks), to 16 or not at all (v
     at 16 in all three), in the whole model, interleaved."""
@@ -130,9 +173,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--blocks", action="store_true", help="time one block's attention alone instead")
     ap.add_argument("--pads", action="store_true", help="compare q/k paddings for EDT-T (default cases T:264)")
+    ap.add_argument("--train", action="store_true", help="time one block's attention in training alone instead")
     args = ap.parse_args()
     if args.blocks:
         blocks()
+        return 0
+    if args.train:
+        train_blocks()
         return 0
     if args.pads:
         if args.cases == ap.get_default("cases"):

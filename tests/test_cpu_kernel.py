@@ -321,7 +321,7 @@ def test_info_system_says_which_kernels_serve(capsys):
 
     assert main(["info", "--system"]) == 0
     lines = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
-    assert lines["C kernels (CPU fp32 inference)"].strip() == cpu_kernel.status()
+    assert lines["C kernels (CPU fp32)"].strip() == cpu_kernel.status()
     assert int(lines["CPU threads"]) == torch.get_num_threads()
     with cpu_kernel.enabled(False):
         assert main(["info", "--system", "--json"]) == 0

@@ -70,7 +70,7 @@ def run(args) -> int:
         if args.json:
             print(json.dumps(report, indent=2))
         else:
-            labels = {"cpu_threads": "CPU threads", "cpu_kernels": "C kernels (CPU fp32 inference)",
+            labels = {"cpu_threads": "CPU threads", "cpu_kernels": "C kernels (CPU fp32)",
                       "cuda": "CUDA GPUs", "triton_kernels": "Triton kernels (GPU inference)"}
             for k, v in report.items():
                 v = ", ".join(v) or "none" if isinstance(v, list) else v
