@@ -495,7 +495,8 @@ def bias_keys(bias: torch.Tensor, n: int) -> torch.Tensor:
 
 class _WindowAttention(torch.autograd.Function):
     """:func:`window_attention`: the forward keeps each query's log-sum-exp, the backward recomputes the
-    probabilities (in registers) and returns the gradients of the rows and of LePE's weight and bias."""
+    probabilities (once, kept in L2 for its second pass) and returns the gradients of the rows and of LePE's weight
+    and bias."""
 
     @staticmethod
     def forward(ctx, rows, lepe_w, lepe_b, bias, plan, lib):
@@ -698,8 +699,8 @@ class Kernels8(NamedTuple):
     dwconv_gelu: Callable  # the FFN's depthwise conv + GELU (cpu_dwconv8.c)
     train_forward: Callable  # window attention with autograd (cpu_attention_train.c at 8 lanes)
     train_backward: Callable
-    dwconv_forward: Callable  # the FFN's depthwise conv + GELU with autograd (cpu_dwconv.c at 8 lanes)
-    dwconv_backward: Callable
+    dwconv_forward: Callable  # the FFN's depthwise conv + GELU with autograd: cpu_dwconv8.c's, z kept
+    dwconv_backward: Callable  # cpu_dwconv.c's at 8 lanes
 
 
 def _load8() -> Kernels8:
@@ -722,8 +723,9 @@ def _load8() -> Kernels8:
 
 def _check8(lib: Kernels8) -> None:
     """The 8-lane kernels against the references in float64 (the attention: one chunk of channels and two, 15
-    tokens, rows in order and gathered with LePE; the depthwise conv: 12 channels, rows of 13 pixels, two images):
-    a compiler that miscompiles them must not change a user's output."""
+    tokens, rows in order and gathered with LePE; the depthwise conv: 12 channels, rows of 13 pixels, two images;
+    the training kernels as :func:`_check` checks them, gradients included): a compiler that miscompiles them must
+    not change a user's output."""
     gen = torch.Generator().manual_seed(0)
     h, w, b, _ = _dwconv_case(gen, (2, 9, 13), 12)
     with torch.no_grad():
