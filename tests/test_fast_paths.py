@@ -226,6 +226,29 @@ def test_gradients_equal_reference(make, butterfly):
     assert grads["fast"]["body.layers.0.residual_group.blocks.1.attns.1.lepe.weight"].abs().sum() > 0
 
 
+def test_drop_path_is_the_same_on_both_paths(butterfly):
+    """Training with stochastic depth: the fast path (the mask's factor and the residual add in one addcmul) drops
+    the same samples as the reference path from the same seed, with the same output and gradients; and it does
+    drop (a model without it gives another output)."""
+    model = sharpen(edtir.build_model("T", ["sr-x2"], depths=(2, 2), drop_path=0.5)).train()
+    x = butterfly[..., :24, :48].repeat(4, 1, 1, 1)
+    outs, grads = {}, {}
+    for path in ("fast", "reference"):
+        model.zero_grad()
+        torch.manual_seed(3)
+        with edt.attention_mode(path):
+            outs[path] = model(x)
+        (outs[path] * torch.linspace(-1, 1, outs[path].numel()).view_as(outs[path])).sum().backward()
+        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert (outs["fast"] - outs["reference"]).abs().max() <= TOL
+    for name, g in grads["reference"].items():
+        assert (grads["fast"][name] - g).abs().max() <= TOL * g.abs().max().clamp_min(1e-3), name
+    for block in (b for stage in model.body.layers for b in stage.residual_group.blocks):
+        block.drop_path.p = 0.0
+    with torch.no_grad():
+        assert (model(x) - outs["fast"]).abs().max() > 1e-3
+
+
 def test_bf16_autocast_fast_close_to_reference(butterfly):
     model = sharpen(small_b()).eval()
     x = butterfly[..., :48, :48]
