@@ -406,6 +406,15 @@ def test_training_attention_gathers_and_lepe_equal_reference(case, build):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
     plain = cpu_kernel.reference_window_attention8(rows.view(nw * n, -1).double(), heads, d, bias, **kw)
     assert (plain - ref).abs().max() > 0.1 and grads[1][1].abs().max() > 0.1
+    # a pixel's two rows side by side and padded, as the qkv projection's padded output holds them: the padding
+    # (not a number here) is not read, and its gradient is zero
+    padded = torch.cat([rows.view(nw * n // 2, -1), torch.full((nw * n // 2, 5), math.nan)], 1).requires_grad_()
+    with torch_threads(2):
+        out = cpu_kernel.window_attention(padded, heads, d, bias, **kw, lepe=(*lepe, (A, B)), lib=lib)
+        out.backward(grad)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(padded.grad[:, 6 * hd:], torch.zeros(nw * n // 2, 5))
+    assert (padded.grad[:, :6 * hd].reshape(nw * n, -1) - grads[0][1]).abs().max() <= 1e-5 * grads[0][1].abs().max()
     with pytest.raises(ValueError, match="LePE weights"):
         cpu_kernel.window_attention(rows.view(nw * n, -1), heads, d, **kw, lepe=(lepe[0][:, :4], lepe[1], (A, B)))
 

@@ -31,7 +31,9 @@
    Layouts (float32, C-contiguous):
      rows: (R, 3 hd)           per token [q | k | v], each [head][d] (hd = heads d): the qkv projection's rows;
                                with index (int64, nw N) token t of window w is row index[w N + t], without it row
-                               w N + t; d_rows likewise
+                               w N + t; d_rows likewise. Rows come in pairs (a pixel's two branches), P floats a
+                               pair: P = 6 hd, or more where the qkv projection's output is padded to a width the
+                               product runs faster at (the padding is not read; its gradient is zero)
      out, d_out: (R, hd)       per token [head][d], the same rows
      lse: (nw, heads, NQ)      NQ = N rounded up to 16
      bias_q: (nb, N, NQ)       the additive bias of window row w % period - bias_from (when that is >= 0) in base-2
@@ -247,21 +249,30 @@ static inline int64_t row_of(const int64_t *index, int64_t w, int N, int t) {
     return index ? index[w * N + t] : w * N + t;
 }
 
+/* Where row r starts: rows come in pairs (a pixel's two branches, side by side), P floats a pair; P = 2 width for
+   plain rows of `width`, more where the qkv projection's output is padded. */
+static inline int64_t row_at(int64_t r, int width, int64_t P) { return (r >> 1) * P + (r & 1) * width; }
+
 /* N rows of width `width` of window w from src into dst (contiguous), prefetching gathered rows ahead */
 #define AHEAD 4
-static void gather(const float *src, const int64_t *index, int64_t w, int N, int width, float *dst) {
+static void gather(const float *src, const int64_t *index, int64_t w, int N, int width, int64_t P, float *dst) {
     for (int t = 0; t < N; t++) {
         if (index && t + AHEAD < N) {
-            const char *next = (const char *)(src + index[w * N + t + AHEAD] * width);
+            const char *next = (const char *)(src + row_at(index[w * N + t + AHEAD], width, P));
             for (int b = 0; b < width * (int)sizeof(float); b += 64) __builtin_prefetch(next + b);
         }
-        memcpy(dst + (int64_t)t * width, src + row_of(index, w, N, t) * width, sizeof(float) * width);
+        memcpy(dst + (int64_t)t * width, src + row_at(row_of(index, w, N, t), width, P), sizeof(float) * width);
     }
 }
 
-static void scatter(const float *src, const int64_t *index, int64_t w, int N, int width, float *dst) {
-    for (int t = 0; t < N; t++)
-        memcpy(dst + row_of(index, w, N, t) * width, src + (int64_t)t * width, sizeof(float) * width);
+/* The inverse; the padding after a pair's second row is zeroed (a gradient must be finite everywhere). */
+static void scatter(const float *src, const int64_t *index, int64_t w, int N, int width, int64_t P, float *dst) {
+    for (int t = 0; t < N; t++) {
+        const int64_t r = row_of(index, w, N, t);
+        float *row = dst + row_at(r, width, P);
+        memcpy(row, src + (int64_t)t * width, sizeof(float) * width);
+        if ((r & 1) && P > 2 * width) memset(row + width, 0, sizeof(float) * (P - 2 * width));
+    }
 }
 
 /* The token at (y + dy, x + dx) of an A x B window, or -1 beyond its border. */
@@ -308,13 +319,14 @@ typedef struct {
     const int64_t *index;
     float *lse, *d_rows;
     int bias_from, period, A, B, N, heads, d;
+    int64_t P; /* floats a pair of rows of rows and d_rows (row_at) */
 } Call;
 
 /* One window of the forward: its rows gathered, each head's attention into the tile and its queries' lse, LePE
    added, the tile's rows written back to the rows they came from. */
 static void forward_window(const Call *k, float *out, int64_t w, Scratch *S) {
     const int N = k->N, d = k->d, NQ = stride16(N), hd = k->heads * d, ks = 3 * hd;
-    gather(k->rows, k->index, w, N, ks, S->win);
+    gather(k->rows, k->index, w, N, ks, k->P, S->win);
     const float *bq = window_bias(k->bias_q, w, k->bias_from, k->period, N, NQ);
     for (int h = 0; h < k->heads; h++) {
         transpose_in(S->win + h * d, ks, N, d, S->qT);
@@ -327,16 +339,16 @@ static void forward_window(const Call *k, float *out, int64_t w, Scratch *S) {
         lepe_forward(S->win + 2 * hd, ks, k->lepe_w + br * 9 * hd, k->lepe_b + br * hd, k->A, k->B, hd, S->lp);
         for (int i = 0; i < N * hd; i++) S->tile[i] += S->lp[i];
     }
-    scatter(S->tile, k->index, w, N, hd, out);
+    scatter(S->tile, k->index, w, N, hd, 2 * hd, out);
 }
 
 /* One window of the backward: its rows, outputs and their gradients gathered; LePE's part; each head's dq, dk and
    dv; the rows' gradients written back to the rows they came from. */
 static void backward_window(const Call *k, int64_t w, Scratch *S) {
     const int N = k->N, d = k->d, NQ = stride16(N), hd = k->heads * d, ks = 3 * hd;
-    gather(k->rows, k->index, w, N, ks, S->win);
-    gather(k->out, k->index, w, N, hd, S->tile);
-    gather(k->d_out, k->index, w, N, hd, S->g);
+    gather(k->rows, k->index, w, N, ks, k->P, S->win);
+    gather(k->out, k->index, w, N, hd, 2 * hd, S->tile);
+    gather(k->d_out, k->index, w, N, hd, 2 * hd, S->g);
     memset(S->dwin, 0, sizeof(float) * N * ks);
     if (k->lepe_w) { /* the attention's own output is the output less LePE */
         const int br = (int)(w % 2);
@@ -363,14 +375,14 @@ static void backward_window(const Call *k, int64_t w, Scratch *S) {
         for (int c0 = 0; c0 < d; c0 += 8)
             keys_any(N, d - c0 < 8 ? d - c0 : 8, c0, S, S->dwin + hd + h * d, S->dwin + 2 * hd + h * d, ks);
     }
-    scatter(S->dwin, k->index, w, N, ks, k->d_rows);
+    scatter(S->dwin, k->index, w, N, ks, k->P, k->d_rows);
 }
 
 /* Both entry points: the forward when d_rows is NULL. Returns 0, or -1 for a head dim over 16, LePE that does not
    fit the windows, or scratch it could not allocate. */
 static int run(const Call *k, float *out, float *d_lepe_w, float *d_lepe_b, int64_t nw, int threads) {
     const int N = k->N, d = k->d, heads = k->heads, hd = heads * d;
-    if (d < 1 || d > 16 || N < 1 || heads < 1 || threads < 1 || k->period < 1
+    if (d < 1 || d > 16 || N < 1 || heads < 1 || threads < 1 || k->period < 1 || k->P < 6 * hd
         || (k->lepe_w && (k->A * k->B != N || nw % 2)))
         return -1;
     const size_t per = scratch_floats(N, heads, d);
@@ -409,16 +421,17 @@ static int run(const Call *k, float *out, float *d_lepe_w, float *d_lepe_b, int6
 
 int edt_window_attention_fwd(const float *rows, const int64_t *index, float *out, float *lse, const float *bias_q,
                              int bias_from, int period, const float *lepe_w, const float *lepe_b, int A, int B,
-                             int64_t nw, int N, int heads, int d, int threads) {
-    const Call k = {rows, NULL, NULL, bias_q, lepe_w, lepe_b, index, lse, NULL, bias_from, period, A, B, N, heads, d};
+                             int64_t nw, int N, int heads, int d, int64_t P, int threads) {
+    const Call k = {rows, NULL, NULL, bias_q, lepe_w, lepe_b, index, lse, NULL, bias_from, period, A, B, N, heads, d,
+                    P};
     return run(&k, out, NULL, NULL, nw, threads);
 }
 
 int edt_window_attention_bwd(const float *rows, const int64_t *index, const float *out, const float *d_out,
                              const float *lse, const float *bias_q, int bias_from, int period, const float *lepe_w,
                              const float *lepe_b, int A, int B, float *d_rows, float *d_lepe_w, float *d_lepe_b,
-                             int64_t nw, int N, int heads, int d, int threads) {
+                             int64_t nw, int N, int heads, int d, int64_t P, int threads) {
     const Call k = {rows, out, d_out, bias_q, lepe_w, lepe_b, index, (float *)lse, d_rows, bias_from, period, A, B, N,
-                    heads, d};
+                    heads, d, P};
     return run(&k, NULL, d_lepe_w, d_lepe_b, nw, threads);
 }

@@ -171,8 +171,8 @@ def _training_entries(lib: ctypes.CDLL) -> tuple[Callable, ...]:
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     fwd, bwd = lib.edt_window_attention_fwd, lib.edt_window_attention_bwd
     fwd.restype = bwd.restype = i32
-    fwd.argtypes = [ptr] * 5 + [i32] * 2 + [ptr] * 2 + [i32] * 2 + [i64] + [i32] * 4
-    bwd.argtypes = [ptr] * 6 + [i32] * 2 + [ptr] * 2 + [i32] * 2 + [ptr] * 3 + [i64] + [i32] * 4
+    fwd.argtypes = [ptr] * 5 + [i32] * 2 + [ptr] * 2 + [i32] * 2 + [i64] + [i32] * 3 + [i64, i32]
+    bwd.argtypes = [ptr] * 6 + [i32] * 2 + [ptr] * 2 + [i32] * 2 + [ptr] * 3 + [i64] + [i32] * 3 + [i64, i32]
     dw_fwd, dw_bwd = lib.edt_dwconv_gelu_fwd, lib.edt_dwconv_gelu_bwd
     dw_fwd.restype = dw_bwd.restype = i32
     dw_fwd.argtypes = [ptr] * 5 + [i32] * 5
@@ -500,32 +500,33 @@ class _WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, lepe_w, lepe_b, bias, plan, lib):
-        index, n, bias_from, period, heads, d, (A, B) = plan
+        index, n, bias_from, period, heads, d, (A, B), pair = plan
         hd = heads * d
         nw = rows.shape[0] if index is None else index.numel() // n
         rows = rows.contiguous()
-        out = rows.new_empty(nw, n, hd) if index is None else rows.new_empty(rows.shape[0], hd)
+        out = rows.new_empty(nw, n, hd) if index is None else rows.new_empty(index.numel(), hd)
         lse = rows.new_empty(nw, heads, _lanes(n))
         bq = bias_keys(bias, n) if bias is not None else None
         lw, lb = (None, None) if lepe_w is None else (lepe_w.detach().contiguous(), lepe_b.detach().contiguous())
         rc = lib.train_forward(rows.data_ptr(), _ptr(index), out.data_ptr(), lse.data_ptr(), _ptr(bq), bias_from,
-                               period or nw, _ptr(lw), _ptr(lb), A, B, nw, n, heads, d, torch.get_num_threads())
+                               period or nw, _ptr(lw), _ptr(lb), A, B, nw, n, heads, d, pair,
+                               torch.get_num_threads())
         if rc != 0:
             raise RuntimeError("edt_window_attention_fwd failed (out of memory?)")
         ctx.save_for_backward(rows, out, lse)
-        ctx.plan = (index, bq, lw, lb, bias_from, period or nw, A, B, nw, n, heads, d, lib)
+        ctx.plan = (index, bq, lw, lb, bias_from, period or nw, A, B, nw, n, heads, d, pair, lib)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         rows, out, lse = ctx.saved_tensors
-        index, bq, lw, lb, bias_from, period, A, B, nw, n, heads, d, lib = ctx.plan
+        index, bq, lw, lb, bias_from, period, A, B, nw, n, heads, d, pair, lib = ctx.plan
         d_out = d_out.contiguous()
         d_rows = torch.empty_like(rows)
         d_lw, d_lb = (None, None) if lw is None else (torch.empty_like(lw), torch.empty_like(lb))
         rc = lib.train_backward(rows.data_ptr(), _ptr(index), out.data_ptr(), d_out.data_ptr(), lse.data_ptr(),
                                 _ptr(bq), bias_from, period, _ptr(lw), _ptr(lb), A, B, d_rows.data_ptr(), _ptr(d_lw),
-                                _ptr(d_lb), nw, n, heads, d, torch.get_num_threads())
+                                _ptr(d_lb), nw, n, heads, d, pair, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError("edt_window_attention_bwd failed (out of memory?)")
         return d_rows, d_lw, d_lb, None, None, None
@@ -539,24 +540,30 @@ def window_attention(rows: torch.Tensor, heads: int, d: int, bias: torch.Tensor 
     ``bias`` ((windows with one, [1,] N, N), in the units of the logits before the LOG2E factor, symmetric or
     not) applies to the windows at positions ``bias_from`` and later within every ``period`` windows, as in
     :func:`edt.windowed_attention`. With ``index`` and ``n`` (rows 2-D, as :func:`window_attention8` takes them)
-    the kernel gathers the windows itself and writes each token's output to its own row; ``lepe`` (weight (2, 9,
-    heads d) tap-major, bias (2, heads d), (A, B)) adds LePE, the gradients flowing to both."""
-    width = rows.shape[-1]
+    the kernel gathers the windows itself and writes each token's output to its own row; there the rows may also
+    be a pixel's two (one a branch) side by side and padded, (pixels, 6 heads d + pad) as the qkv projection makes
+    them, its output padded to a width the product runs faster at (the padding is not read; its gradient is zero).
+    ``lepe`` (weight (2, 9, heads d) tap-major, bias (2, heads d), (A, B)) adds LePE, the gradients flowing to
+    both."""
+    width, hd = rows.shape[-1], heads * d
     if index is None:
         n = rows.shape[1]
     elif rows.dim() != 2 or index.dtype != torch.int64 or n is None or index.numel() % n:
         raise ValueError("window_attention: index must be int64, (windows * N,), over 2-D rows")
     else:
         index = index.contiguous()
-    if width != 3 * heads * d or d > MAX_HEAD_DIM:
+    paired = index is not None and width >= 6 * hd
+    if (width != 3 * hd and not paired) or d > MAX_HEAD_DIM:
         raise ValueError(f"window_attention: rows of {width} do not hold q, k, v of {heads} heads of {d}")
+    if paired and index.numel() != 2 * rows.shape[0]:
+        raise ValueError(f"window_attention: {index.numel()} tokens in the windows, {2 * rows.shape[0]} rows")
     lw, lb, (A, B) = lepe if lepe is not None else (None, None, (0, 0))
     nw = rows.shape[0] if index is None else index.numel() // n
     if lepe is not None and (lw.shape != (2, 9, heads * d) or lb.shape != (2, heads * d) or A * B != n or nw % 2):
         raise ValueError(f"window_attention: LePE weights {tuple(lw.shape)} do not fit {heads} heads of {d} in "
                          f"windows of {n} tokens")
-    return _WindowAttention.apply(rows, lw, lb, bias, (index, n, bias_from, period, heads, d, (A, B)),
-                                  lib or training_library())
+    return _WindowAttention.apply(rows, lw, lb, bias, (index, n, bias_from, period, heads, d, (A, B),
+                                                       width if paired else 6 * hd), lib or training_library())
 
 
 def reference_window_attention_rows(rows, heads: int, d: int, bias=None, bias_from: int = 0, period=None):

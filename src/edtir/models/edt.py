@@ -346,12 +346,13 @@ def rows_to_8(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False, residual: torch.Tensor | None = None,
-           weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+           weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, padded: bool = False) -> torch.Tensor:
     """``residual + gelu?(x @ weightᵀ + bias)``, with ``layer``'s weight and bias unless given. On the fast path,
     for CPU inference in float32: one oneDNN call with the GELU or the residual add fused in (a pass over memory
     fewer, and oneDNN's products beat MKL's at EDT's widths). Elsewhere on the fast path an output width that is
     not a multiple of 8 is padded with zero rows and cropped back: products 180 or 540 wide (EDT-B) run far
-    slower than 184 or 544 wide."""
+    slower than 184 or 544 wide. ``padded``: not cropped back (the caller reads past the padding: the CPU training
+    kernel, which so saves the crop's copy and, in the backward, a zero fill and a copy; docs/performance.md)."""
     w = layer.weight if weight is None else weight
     b = layer.bias if bias is None else bias
     fast = _path[0] == "fast" and not exporting()
@@ -363,7 +364,8 @@ def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False, residual: torc
         return y if residual is None else residual + y
     n = w.shape[0]
     if fast and n % 8:
-        y = F.linear(x, *rows_to_8(w, b))[..., :n]
+        y = F.linear(x, *rows_to_8(w, b))
+        y = y if padded and not gelu and residual is None else y[..., :n]
     else:
         y = F.linear(x, w, b)
     if gelu:
@@ -723,7 +725,8 @@ class DropPath(nn.Module):
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``x + self(y)`` as one op (``addcmul``): the mask's multiply, its division and the residual add were
-        three passes over the map each way, 3 % of an EDT-T training step on a 2-core CPU."""
+        three passes over the map each way (the elementwise ops of an EDT-T training step on a 2-core CPU went from
+        234 to 148 ms, docs/performance.md)."""
         if not self.training or self.p == 0.0:
             return x + y
         return torch.addcmul(x, y, self.factor(y))
@@ -805,7 +808,8 @@ class EDTBlock(nn.Module):
         lanes8 = explicit and not trains and cpu_kernel.serves8(x, d)
         pk, pv = (d, d) if trains or lanes8 else head_pad(x.device, d, explicit and not torch.is_grad_enabled())
         w, b = self.qkv_weight((pk, pv), scale_q=explicit, q_factor=cpu_kernel.LOG2E if trains or lanes8 else 1.0)
-        qkv = linear(self.qkv, x, weight=w, bias=b)  # (B, H, W, [branch, q/k/v, head, padded dim])
+        # (B, H, W, [branch, q/k/v, head, padded dim]), for the training kernel perhaps padded to whole vectors
+        qkv = linear(self.qkv, x, weight=w, bias=b, padded=trains)
         gather, scatter = layout.indices(B, self.shifted)
         width = heads * (2 * pk + pv)  # per token and branch
         # LePE's kernels of both branches, each in its own window's frame (the vertical branch's windows are
@@ -815,7 +819,7 @@ class EDTBlock(nn.Module):
         if lanes8 or trains:  # the gathers, the attention and LePE in one call (with its backward when training)
             lepe = (w_l.view(2, half, 9).transpose(1, 2), b_l.view(2, half), (wh, ww))
             if trains:
-                out = cpu_kernel.window_attention(qkv.reshape(-1, width), heads, d,
+                out = cpu_kernel.window_attention(qkv.reshape(-1, qkv.shape[-1]), heads, d,
                                                   layout.tail_bias(qkv.dtype) if self.shifted else None,
                                                   layout.bias_from, layout.windows, index=gather, n=n, lepe=lepe)
             else:
