@@ -31,6 +31,7 @@
                             units, key-major: row j holds the bias of every query against key j, nqb >= N rounded
                             up to 8 (zeros beyond N); NULL when no window takes one. */
 
+#include "cpu_lepe.h"
 #include "cpu_vec.h"
 #ifdef __AVX__
 #include <immintrin.h>
@@ -193,24 +194,6 @@ static void head_any(int N, int D, int hd, const float *bq, int nqb, float *out,
 #undef CASE
 }
 
-/* LePE of one window into the tile: bias + the 3x3 depthwise conv of v (zeros beyond the window's border) over
-   the A x B window, all heads' channels at once; w (9, hd) tap-major, v token-major (N, hd) with rows of vs. */
-static void lepe(const float *v, int64_t vs, const float *w, const float *b, int A, int B, int hd, float *tile) {
-    for (int y = 0; y < A; y++)
-        for (int x = 0; x < B; x++) {
-            float *o = tile + (int64_t)(y * B + x) * hd;
-            memcpy(o, b, sizeof(float) * hd);
-            for (int dy = -1; dy <= 1; dy++) {
-                if (y + dy < 0 || y + dy >= A) continue;
-                for (int dx = -1; dx <= 1; dx++) {
-                    if (x + dx < 0 || x + dx >= B) continue;
-                    const float *vi = v + ((y + dy) * B + x + dx) * vs, *wt = w + ((dy + 1) * 3 + dx + 1) * hd;
-                    for (int c = 0; c < hd; c++) o[c] += wt[c] * vi[c];
-                }
-            }
-        }
-}
-
 /* One window: its rows read once, in order (each head's q transposed, k and v into the scratch), LePE into the
    tile (or zeros), each head's attention added, the tile written to out (with an index: each row where its input
    row was). */
@@ -236,7 +219,7 @@ static void window(const float *src, const int64_t *index, float *out, const flo
         for (int j = N; j < NQ; j++) S->qT[c * NQ + j] = 0.0f;
     if (lepe_w) { /* the branch's kernel: windows alternate horizontal, vertical */
         const int br = (int)(w % 2);
-        lepe(S->vw, hd, lepe_w + (int64_t)br * 9 * hd, lepe_b + (int64_t)br * hd, A, B, hd, S->tile);
+        lepe_forward(S->vw, hd, lepe_w + (int64_t)br * 9 * hd, lepe_b + (int64_t)br * hd, A, B, hd, S->tile);
     } else {
         memset(S->tile, 0, sizeof(float) * N * hd);
     }

@@ -17,8 +17,8 @@
    probabilities. Then LePE: the bias and the 3x3 depthwise conv of v inside the window, all heads at once.
    Backward, flash-attention's recomputation, once per head:
      pass A, lanes over queries: P = 2^(s - lse), dP = dO vT, dS = P (dP - D) with D = rowsum(dO o) (o the
-             attention's output: the output less LePE, recomputed), kept per vector of queries (2 x 144 x 144 floats for EDT's
-             windows: in L2); then dq = dS k in a loop of its own (with dq's sums in the same loop EDT-T's 3 x 5
+             attention's output: the output less LePE, recomputed), kept per vector of queries (2 x 144 x 144
+             floats for EDT's windows: in L2); then dq = dS k in a loop of its own (with dq's sums in the same loop EDT-T's 3 x 5
              vectors of q, dO and dq and the temporaries did not fit AVX2's 16 registers);
      pass B, per key, lanes over queries again: dv = PT dO and dk = dST q from them, summed across the lanes at
              the end. (An earlier pass B, lanes over keys, recomputed P and dS: the exponentials twice, and the
@@ -42,6 +42,7 @@
      lepe_w: (2, 9, hd), lepe_b: (2, hd), or NULL: LePE, window w taking branch w % 2's 3x3 kernel (tap-major)
                                over its A x B tokens (A B = N); d_lepe_w, d_lepe_b the same shapes. */
 
+#include "cpu_lepe.h"
 #include "cpu_vec.h"
 
 #define LN2 0.6931471805599453f
@@ -100,8 +101,8 @@ static inline __attribute__((always_inline)) void forward_head(int N, const int 
 }
 
 /* Pass A: P and dS, lanes over queries; qT holds q, oT holds dO, dd holds D. Each vector of queries has its own
-   panel of P and of dS, one vector per key: the stores go in order (written key-major, 144 keys apart, they were a
-   quarter of this pass's time on an AVX2 CPU, perf). Then dq (into dqT, times ln 2) from dS in a loop of its own:
+   panel of P and of dS, one vector per key, so the stores go in order (perf put much of this pass's time on them
+   when they went key-major, 144 keys apart). Then dq (into dqT, times ln 2) from dS in a loop of its own:
    with dq's sums in this one, EDT-T's 3 x 5 vectors of q, dO and dq and the temporaries did not fit AVX2's 16
    registers. */
 static inline __attribute__((always_inline)) void backward_queries(int N, const int D, const float *k, const float *v,
@@ -140,7 +141,8 @@ static inline __attribute__((always_inline)) void backward_queries(int N, const 
 
 /* Pass B: channels [c0, c0 + CW) of dk (times ln 2) and dv for every key, into rows of stride ks: per key, its
    vectors of P and dS (one in each query vector's panel) against the queries' q and dO, lanes over queries (padded
-   queries hold zero q and dO), then one sum across the lanes. At most 8 channels at a time, so that the 16 sums and the two rows' vectors fit in registers. */
+   queries hold zero q and dO), then one sum across the lanes. At most 8 channels at a time, so that the 16 sums
+   and the two rows' vectors fit in registers. */
 static inline __attribute__((always_inline)) void backward_keys(int N, const int CW, int c0, const Scratch *S,
                                                                 float *dk, float *dv, int ks) {
     const int NQ = stride16(N);
@@ -272,45 +274,6 @@ static void scatter(const float *src, const int64_t *index, int64_t w, int N, in
         float *row = dst + row_at(r, width, P);
         memcpy(row, src + (int64_t)t * width, sizeof(float) * width);
         if ((r & 1) && P > 2 * width) memset(row + width, 0, sizeof(float) * (P - 2 * width));
-    }
-}
-
-/* The token at (y + dy, x + dx) of an A x B window, or -1 beyond its border. */
-static inline int neighbour(int A, int B, int t, int dy, int dx) {
-    const int y = t / B + dy, x = t % B + dx;
-    return y < 0 || y >= A || x < 0 || x >= B ? -1 : y * B + x;
-}
-
-/* LePE of the window into tile (N, hd): bias + the 3x3 depthwise conv of v (rows of vs) inside the window */
-static void lepe_forward(const float *v, int vs, const float *w, const float *b, int A, int B, int hd, float *tile) {
-    for (int t = 0; t < A * B; t++) {
-        float *o = tile + (int64_t)t * hd;
-        memcpy(o, b, sizeof(float) * hd);
-        for (int tap = 0; tap < 9; tap++) {
-            const int u = neighbour(A, B, t, tap / 3 - 1, tap % 3 - 1);
-            if (u < 0) continue;
-            const float *vu = v + (int64_t)u * vs, *wt = w + tap * hd;
-            for (int c = 0; c < hd; c++) o[c] += wt[c] * vu[c];
-        }
-    }
-}
-
-/* LePE's backward: dv (rows of vs) += the conv's transpose of g (N, hd); dw (9, hd) and db (hd) += their sums */
-static void lepe_backward(const float *v, int vs, const float *w, const float *g, int A, int B, int hd, float *dv,
-                          float *dw, float *db) {
-    for (int t = 0; t < A * B; t++) {
-        const float *gt = g + (int64_t)t * hd;
-        for (int c = 0; c < hd; c++) db[c] += gt[c];
-        for (int tap = 0; tap < 9; tap++) {
-            const int u = neighbour(A, B, t, tap / 3 - 1, tap % 3 - 1);
-            if (u < 0) continue;
-            const float *vu = v + (int64_t)u * vs, *wt = w + tap * hd;
-            float *dvu = dv + (int64_t)u * vs, *dwt = dw + tap * hd;
-            for (int c = 0; c < hd; c++) {
-                dvu[c] += wt[c] * gt[c];
-                dwt[c] += gt[c] * vu[c];
-            }
-        }
     }
 }
 

@@ -61,7 +61,7 @@ from .switch import Switch
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_attention.c", "cpu_ffn.c", "cpu_attention_train.c",
                                                          "cpu_dwconv.c"))
-HEADERS = tuple(Path(__file__).with_name(n) for n in ("cpu_vec.h",))
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("cpu_vec.h", "cpu_lepe.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
 #: the largest head dim the kernel takes (EDT's are 5, 10 and 15)
 MAX_HEAD_DIM = 16
